@@ -1,0 +1,24 @@
+"""hostpool: per-host connection pools and quotas behind the ``httpx.AsyncClient`` API.
+
+>>> import hostpool
+>>> router = hostpool.HostRouter(quotas={"api.stripe.com": 20})
+"""
+
+from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
+from ._quota import PartitionBy, Quota
+from ._router import HostRouter
+from ._stats import PartitionStats, RouterStats, WaitSummary
+
+__all__ = [
+    "HostRouter",
+    "PartitionBy",
+    "PartitionStats",
+    "PendingLimitExceeded",
+    "PoolTimeout",
+    "Quota",
+    "RouterClosed",
+    "RouterStats",
+    "WaitSummary",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,359 @@
+"""The anyio layer: turns the scheduler's decisions into waits with deadlines.
+
+It owns the partitions (created on first use, dropped when idle), one
+``anyio.CapacityLimiter`` per partition, and the per-partition counters. It
+never decides who goes next: that is ``_scheduler.Scheduler``'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import anyio
+import sniffio
+
+from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
+from ._quota import Partitioner, QuotaEntry, QuotaTable
+from ._scheduler import Lane, Scheduler, Status, Ticket
+from ._stats import WaitHistogram
+
+__all__ = ["Admission", "Partition"]
+
+logger = logging.getLogger("hostpool")
+
+
+class Partition:
+    """One unit of isolation: its quota, its lane in the scheduler, its limiter, its counters."""
+
+    __slots__ = (
+        "entry",
+        "evictions",
+        "key",
+        "lane",
+        "limiter",
+        "overflows",
+        "peak_in_flight",
+        "pool_timeouts",
+        "quiet_since",
+        "requests",
+        "requests_completed",
+        "requests_failed",
+        "reserved_admissions",
+        "wait",
+    )
+
+    def __init__(self, key: str, entry: QuotaEntry, lane: Lane, budget: int) -> None:
+        self.key = key
+        self.entry = entry
+        self.lane = lane
+        # The limiter mirrors the scheduler's count for this partition: a
+        # token is taken for every granted ticket and returned on release.
+        # Acquiring it never blocks (the scheduler only grants below the cap),
+        # so it is a run-time check of G1 and a view users already know from
+        # anyio (``partition.limiter.statistics()``).
+        self.limiter = anyio.CapacityLimiter(min(entry.quota.max_connections, budget))
+        self.quiet_since: float | None = None
+        self.requests = 0
+        self.requests_completed = 0
+        self.requests_failed = 0
+        self.pool_timeouts = 0
+        self.overflows = 0
+        self.evictions = 0
+        self.peak_in_flight = 0
+        self.reserved_admissions = 0
+        self.wait = WaitHistogram()
+
+    def __repr__(self) -> str:
+        return f"<Partition {self.key!r} {self.lane.in_flight}/{self.lane.cap}>"
+
+
+@dataclass
+class _Totals:
+    """Counts of partitions that no longer exist, so router totals never go down."""
+
+    requests: int = 0
+    requests_completed: int = 0
+    requests_failed: int = 0
+    pool_timeouts: int = 0
+    overflows: int = 0
+    evictions: int = 0
+    created: int = 0
+    dropped: int = 0
+
+
+def _current_loop() -> object:
+    """Return an object that identifies the running event loop."""
+    library = sniffio.current_async_library()
+    if library == "asyncio":
+        return asyncio.get_running_loop()
+    if library == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    return library  # pragma: no cover - other anyio backends
+
+
+DropHook = Callable[[str], None]
+
+
+class Admission:
+    """Admit requests per partition, with waits, deadlines, and no leaks.
+
+    Invariant (G7): every ticket this class grants is released exactly once,
+    on every path: response closed, error, or cancellation at any await.
+    """
+
+    def __init__(
+        self,
+        table: QuotaTable,
+        partitioner: Partitioner,
+        budget: int,
+        *,
+        partition_idle_timeout: float,
+    ) -> None:
+        self.table = table
+        self.partitioner = partitioner
+        self.budget = budget
+        self.idle_timeout = partition_idle_timeout
+        self.scheduler = Scheduler(
+            budget, {entry.group: entry.quota.reserved for entry in table.entries()}
+        )
+        # Partitions in order of the time they last went quiet (oldest first),
+        # so the idle sweep only ever looks at the head: O(1) per request.
+        self._partitions: OrderedDict[str, Partition] = OrderedDict()
+        self._drop_hooks: list[DropHook] = []
+        self._socket_hooks: list[Callable[[str], bool]] = []
+        self._loop: object | None = None
+        self.totals = _Totals()
+        self.router_wait = WaitHistogram()
+        self.closed = False
+
+    # -- partitions ----------------------------------------------------------
+
+    def add_hooks(self, on_drop: DropHook, has_sockets: Callable[[str], bool]) -> None:
+        """Register a pool layer: told of dropped partitions, asked which hold sockets."""
+        self._drop_hooks.append(on_drop)
+        self._socket_hooks.append(has_sockets)
+
+    def partitions(self) -> Iterator[Partition]:
+        """Iterate over the live partitions."""
+        return iter(list(self._partitions.values()))
+
+    def partition(self, key: str, quota_name: str) -> Partition:
+        """Return the partition for ``key``, creating it on first use.
+
+        Call :meth:`acquire` right after, with no await in between: a
+        partition with a request admitted or waiting is never dropped, and
+        nothing else may run between the lookup and the admission.
+        """
+        self._check_loop()
+        partition = self._partitions.get(key)
+        if partition is None or partition.quiet_since is not None:
+            self._sweep()
+            partition = self._partitions.get(key)
+        if partition is None:
+            entry = self.table.lookup(quota_name)
+            quota = entry.quota
+            lane = self.scheduler.lane(
+                key, entry.group, min(quota.max_connections, self.budget), quota.max_pending
+            )
+            partition = self._partitions[key] = Partition(key, entry, lane, self.budget)
+            self.totals.created += 1
+            logger.debug("partition %s created (quota %s)", key, entry.group)
+        return partition
+
+    def _sweep(self) -> None:
+        """Drop partitions that have been quiet for ``partition_idle_timeout`` (G9)."""
+        if not self._partitions:
+            return
+        now = anyio.current_time()
+        while self._partitions:
+            partition = next(iter(self._partitions.values()))
+            since = partition.quiet_since
+            if since is None or now - since < self.idle_timeout:
+                return
+            self._drop(partition)
+
+    def _drop(self, partition: Partition) -> None:
+        # Runs without an await from check to removal, so no request can be
+        # admitted to a partition that is being dropped (urllib3#1252).
+        assert partition.lane.idle
+        del self._partitions[partition.key]
+        for hook in self._drop_hooks:
+            hook(partition.key)
+        totals = self.totals
+        totals.dropped += 1
+        totals.requests += partition.requests
+        totals.requests_completed += partition.requests_completed
+        totals.requests_failed += partition.requests_failed
+        totals.pool_timeouts += partition.pool_timeouts
+        totals.overflows += partition.overflows
+        totals.evictions += partition.evictions
+        logger.debug("partition %s dropped after %.0fs idle", partition.key, self.idle_timeout)
+
+    def _check_loop(self) -> None:
+        loop = _current_loop()
+        if loop is self._loop:
+            return
+        if self._loop is not None and self._busy():
+            raise RuntimeError(
+                "this HostRouter is in use by another event loop; "
+                "create one router per event loop (or per thread)"
+            )
+        # First use, or the previous loop left nothing behind: bind to this one.
+        # Pools and limiters of the previous loop cannot be used here.
+        for partition in list(self._partitions.values()):
+            self._drop(partition)
+        self._loop = loop
+
+    def _busy(self) -> bool:
+        if self.scheduler.in_flight or self.scheduler.waiting:
+            return True
+        return any(hook(key) for hook in self._socket_hooks for key in self._partitions)
+
+    # -- admission -----------------------------------------------------------
+
+    async def acquire(self, partition: Partition, patience: float | None) -> Ticket:
+        """Wait for a slot in ``partition``; return the granted ticket.
+
+        Raise :class:`PoolTimeout` when ``patience`` (seconds, or None for no
+        limit) passes first, :class:`PendingLimitExceeded` when the queue is
+        full, and :class:`RouterClosed` when the router closes meanwhile.
+        """
+        if self.closed:
+            raise RouterClosed("the HostRouter has been closed")
+        lane = partition.lane
+        ticket = self.scheduler.admit(lane)
+        partition.requests += 1
+        partition.quiet_since = None
+        if ticket.status is Status.GRANTED:
+            self._on_granted(ticket)
+            partition.wait.record(0.0)
+            self.router_wait.record(0.0)
+            return ticket
+        if ticket.status is Status.REJECTED:
+            partition.overflows += 1
+            self._settle(partition)
+            logger.info(
+                "%s: request rejected, %d already waiting (max_pending)",
+                partition.key,
+                lane.waiting,
+            )
+            raise PendingLimitExceeded(
+                f"{partition.key}: {lane.waiting} requests already waiting "
+                f"(max_pending={lane.max_pending}, {lane.in_flight}/{lane.cap} in flight)",
+                partition=partition.key,
+                waited=0.0,
+            )
+        return await self._wait(partition, ticket, patience)
+
+    async def _wait(self, partition: Partition, ticket: Ticket, patience: float | None) -> Ticket:
+        event = anyio.Event()
+        ticket.payload = event
+        start = anyio.current_time()
+        deadline = math.inf if patience is None else start + patience
+        try:
+            with anyio.CancelScope(deadline=deadline):
+                await event.wait()
+        except BaseException:
+            # Cancelled from outside. If a release handed us the slot in the
+            # meantime, hand it on; otherwise leave the queue. Either way
+            # nothing is lost (httpcore#1093, aiohttp#9670).
+            self.forfeit(ticket)
+            raise
+        waited = anyio.current_time() - start
+        partition.wait.record(waited)
+        self.router_wait.record(waited)
+        if ticket.status is Status.GRANTED:
+            # Granted, even if the deadline passed in the same instant: the
+            # slot is ours, so use it rather than waste it.
+            return ticket
+        if ticket.status is Status.CANCELLED and self.closed:
+            raise RouterClosed(f"{partition.key}: the HostRouter was closed while waiting")
+        self.scheduler.cancel(ticket)
+        partition.pool_timeouts += 1
+        lane = partition.lane
+        self._settle(partition)
+        logger.info("%s: pool timeout after %.3fs", partition.key, waited)
+        raise PoolTimeout(
+            f"{partition.key}: no connection slot within {patience}s "
+            f"({lane.in_flight}/{lane.cap} in flight, {lane.waiting} waiting, "
+            f"{self.scheduler.in_flight}/{self.budget} in the router)",
+            partition=partition.key,
+            waited=waited,
+        )
+
+    def forfeit(self, ticket: Ticket) -> None:
+        """Give up a ticket, whatever its state: waiting, granted, or gone."""
+        was_granted = ticket.status is Status.GRANTED
+        woken = self.scheduler.cancel(ticket)
+        partition = self._partitions.get(ticket.lane.key)
+        if was_granted and partition is not None:
+            partition.limiter.release_on_behalf_of(ticket)
+        if woken is not None:
+            self._wake(woken)
+        if partition is not None:
+            self._settle(partition)
+
+    def release(self, ticket: Ticket, *, failed: bool = False) -> None:
+        """Return a granted ticket's slot and wake the next waiter, if any."""
+        partition = self._partitions.get(ticket.lane.key)
+        woken = self.scheduler.release(ticket)
+        if partition is not None:
+            partition.limiter.release_on_behalf_of(ticket)
+            if failed:
+                partition.requests_failed += 1
+            else:
+                partition.requests_completed += 1
+        if woken is not None:
+            self._wake(woken)
+        if partition is not None:
+            self._settle(partition)
+
+    def _wake(self, ticket: Ticket) -> None:
+        self._on_granted(ticket)
+        event = ticket.payload
+        if event is not None:
+            event.set()
+
+    def _on_granted(self, ticket: Ticket) -> None:
+        lane = ticket.lane
+        partition = self._partitions[lane.key]
+        # Never blocks: the scheduler granted below the cap (G1).
+        partition.limiter.acquire_on_behalf_of_nowait(ticket)
+        if lane.in_flight > partition.peak_in_flight:
+            partition.peak_in_flight = lane.in_flight
+        if lane.group.used <= lane.group.reserved:
+            partition.reserved_admissions += 1
+
+    def _settle(self, partition: Partition) -> None:
+        """Start the idle clock of a partition that has nothing in flight or waiting."""
+        if (
+            partition.lane.idle
+            and partition.quiet_since is None
+            and partition.key in self._partitions
+        ):
+            partition.quiet_since = anyio.current_time()
+            self._partitions.move_to_end(partition.key)
+
+    # -- closing -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Refuse new requests and fail every waiter with :class:`RouterClosed`."""
+        self.closed = True
+        lanes = [p.lane for p in self._partitions.values()]
+        for ticket in self.scheduler.drain(lanes):
+            event = ticket.payload
+            if event is not None:
+                event.set()
+
+    def forget_all(self) -> None:
+        """Drop every partition (after close, once nothing is in flight)."""
+        for partition in list(self._partitions.values()):
+            if partition.lane.idle:
+                self._drop(partition)

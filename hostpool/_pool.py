@@ -1,0 +1,330 @@
+"""Partition pools of httpcore connections, and the socket ledger across them.
+
+Admission (``_admission.py``) already bounds the requests in flight per
+partition and across the router, so a partition pool never queues: it hands
+out the most recently used idle connection for the origin, or opens a new
+one. Both are O(1) per request (httpcore 1.0.9's own pool rescans every
+queued request against every connection on each change).
+
+The :class:`SocketLedger` is shared by every partition pool of a router. It
+keeps G2, the socket ceiling:
+
+    open sockets (active + idle + connecting) <= max_connections
+    idle sockets <= max_keepalive overall, <= the quota's keepalive per partition
+
+Why the ceiling holds: a socket is counted from the moment we decide to open
+it until the moment we decide to close it. Every active socket carries at
+least one admitted request, and admission keeps requests in flight <=
+max_connections, so when a new socket is needed at the ceiling at least one
+idle socket exists, and the least recently used one is closed first. A
+connection goes back to the pool (or is closed) *before* its admission slot
+is released, so the next admitted request always sees the ledger up to date.
+
+Connections are created by the httpcore pool that ``httpx.AsyncHTTPTransport``
+builds from the router's arguments (``create_connection``), so TLS settings,
+HTTP/2, proxies, retries and socket options are exactly httpx's; only the
+pooling is ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import anyio
+import httpcore
+from httpcore import AsyncConnectionInterface, Origin
+
+__all__ = ["PartitionPool", "SocketLedger"]
+
+logger = logging.getLogger("hostpool")
+
+_SCHEMES = ("http", "https", "ws", "wss")
+
+# httpcore's Origin is not hashable; pools index connections by this tuple.
+_OriginKey = tuple[bytes, bytes, int]
+
+
+class SocketLedger:
+    """Socket accounting across every partition pool of one router (G2)."""
+
+    def __init__(self, max_connections: int, max_keepalive: int) -> None:
+        self.max_connections = max_connections
+        self.max_keepalive = max_keepalive
+        self.open = 0
+        self.opened = 0
+        self.evictions = 0
+        # Idle connections of every partition, least recently used first.
+        self.idle: OrderedDict[AsyncConnectionInterface, PartitionPool] = OrderedDict()
+
+    def reserve(self) -> list[AsyncConnectionInterface]:
+        """Count a socket about to be opened; return idle ones to close to make room."""
+        evicted: list[AsyncConnectionInterface] = []
+        while self.open >= self.max_connections and self.idle:
+            conn, pool = self.idle.popitem(last=False)
+            pool.evicted(conn)
+            self.open -= 1
+            self.evictions += 1
+            evicted.append(conn)
+        self.open += 1
+        self.opened += 1
+        return evicted
+
+    def park(
+        self, conn: AsyncConnectionInterface, pool: PartitionPool
+    ) -> list[AsyncConnectionInterface]:
+        """Record ``conn`` as idle; return connections to close to respect the keepalive budget."""
+        self.idle[conn] = pool
+        closing: list[AsyncConnectionInterface] = []
+        while len(self.idle) > self.max_keepalive:
+            old, owner = self.idle.popitem(last=False)
+            owner.evicted(old)
+            self.open -= 1
+            closing.append(old)
+        # Idle connections expire in the order they went idle, so checking the
+        # oldest one is enough to clear them out over time, in O(1) per park.
+        if self.idle:
+            old, owner = next(iter(self.idle.items()))
+            if old is not conn and old.has_expired():
+                del self.idle[old]
+                owner.evicted(old)
+                self.open -= 1
+                closing.append(old)
+        return closing
+
+    def unpark(self, conn: AsyncConnectionInterface) -> None:
+        """Record that an idle connection was taken back into use."""
+        del self.idle[conn]
+
+    def closed(self, count: int = 1) -> None:
+        """Record that ``count`` counted sockets were closed."""
+        self.open -= count
+
+
+async def close_connections(conns: Iterable[AsyncConnectionInterface]) -> None:
+    """Close connections, shielded: a cancelled caller must not leak sockets."""
+    with anyio.CancelScope(shield=True):
+        for conn in conns:
+            try:
+                await conn.aclose()
+            except Exception:  # pragma: no cover - closing is best effort
+                logger.debug("error closing %r", conn, exc_info=True)
+
+
+class PartitionPool:
+    """The connections of one partition: the pool ``httpx.AsyncHTTPTransport`` talks to.
+
+    Implements the part of httpcore's ``AsyncConnectionPool`` interface that
+    httpx uses: ``handle_async_request``, ``aclose`` and the async context
+    manager.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        factory: httpcore.AsyncConnectionPool,
+        ledger: SocketLedger,
+        keepalive: int,
+    ) -> None:
+        self.key = key
+        self._factory = factory
+        self._ledger = ledger
+        self._keepalive = keepalive
+        # Idle connections per origin, most recently used last.
+        self._idle: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
+        # Idle connections of this partition, least recently used first.
+        self._idle_lru: OrderedDict[AsyncConnectionInterface, _OriginKey] = OrderedDict()
+        # Connections carrying requests, with their number of streams.
+        self._active: dict[AsyncConnectionInterface, int] = {}
+        # HTTP/2 connections in use that can take another stream.
+        self._shared: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
+        self.opened = 0
+        self.evictions = 0
+        self.closed = False
+
+    # -- figures -------------------------------------------------------------
+
+    @property
+    def sockets_idle(self) -> int:
+        """Idle sockets of this partition."""
+        return len(self._idle_lru)
+
+    @property
+    def sockets_open(self) -> int:
+        """Open sockets of this partition, active and idle."""
+        return len(self._idle_lru) + len(self._active)
+
+    # -- the request path ----------------------------------------------------
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        """Send ``request`` on an idle or new connection of its origin."""
+        scheme = request.url.scheme.decode()
+        if scheme == "":
+            raise httpcore.UnsupportedProtocol(
+                "Request URL is missing an 'http://' or 'https://' protocol."
+            )
+        if scheme not in _SCHEMES:
+            raise httpcore.UnsupportedProtocol(
+                f"Request URL has an unsupported protocol '{scheme}://'."
+            )
+        if self.closed:
+            raise RuntimeError("the partition pool is closed")
+        origin = request.url.origin
+        key: _OriginKey = (origin.scheme, origin.host, origin.port)
+        while True:
+            conn = await self._checkout(origin, key)
+            self._active[conn] = self._active.get(conn, 0) + 1
+            try:
+                response = await conn.handle_async_request(request)
+            except httpcore.ConnectionNotAvailable:
+                # The connection was taken or closed under us (HTTP/2 stream
+                # limits, a server that closed it): use another, as httpcore does.
+                await self._finish(conn, key)
+                continue
+            except BaseException:
+                await self._finish(conn, key)
+                raise
+            break
+        if conn.is_available() and not conn.is_idle():
+            # HTTP/2: the connection can take more streams while this one runs.
+            shared = self._shared.setdefault(key, [])
+            if conn not in shared:
+                shared.append(conn)
+        return httpcore.Response(
+            status=response.status,
+            headers=response.headers,
+            content=_PoolStream(response.stream, self, conn, key),
+            extensions=response.extensions,
+        )
+
+    async def _checkout(self, origin: Origin, key: _OriginKey) -> AsyncConnectionInterface:
+        shared = self._shared.get(key)
+        if shared:
+            for conn in shared:
+                if conn.is_available():
+                    return conn
+        idle = self._idle.get(key)
+        discard: list[AsyncConnectionInterface] = []
+        try:
+            while idle:
+                conn = idle.pop()
+                del self._idle_lru[conn]
+                self._ledger.unpark(conn)
+                if conn.is_available() and not conn.has_expired():
+                    return conn
+                # Expired, or the server closed it while idle: the next
+                # request goes to a fresh connection, as httpx does.
+                discard.append(conn)
+                self._ledger.closed()
+            for conn in self._ledger.reserve():
+                discard.append(conn)
+            self.opened += 1
+            return self._factory.create_connection(origin)
+        finally:
+            if idle is not None and not idle:
+                self._idle.pop(key, None)
+            if discard:
+                await close_connections(discard)
+
+    async def _finish(self, conn: AsyncConnectionInterface, origin: _OriginKey) -> None:
+        """One stream of ``conn`` ended: keep the connection idle, or close it."""
+        streams = self._active[conn] - 1
+        if streams:
+            self._active[conn] = streams
+            return
+        del self._active[conn]
+        shared = self._shared.get(origin)
+        if shared and conn in shared:
+            shared.remove(conn)
+            if not shared:
+                del self._shared[origin]
+        closing: list[AsyncConnectionInterface] = []
+        if not self.closed and conn.is_idle() and conn.is_available() and not conn.has_expired():
+            self._idle.setdefault(origin, []).append(conn)
+            self._idle_lru[conn] = origin
+            closing.extend(self._ledger.park(conn, self))
+            while len(self._idle_lru) > self._keepalive:
+                old = next(iter(self._idle_lru))
+                self._ledger.unpark(old)
+                self.evicted(old)
+                self._ledger.closed()
+                closing.append(old)
+        else:
+            self._ledger.closed()
+            closing.append(conn)
+        if closing:
+            await close_connections(closing)
+
+    def evicted(self, conn: AsyncConnectionInterface) -> None:
+        """Forget an idle connection that the ledger or the keepalive cap is closing."""
+        origin = self._idle_lru.pop(conn)
+        idle = self._idle[origin]
+        idle.remove(conn)
+        if not idle:
+            del self._idle[origin]
+        self.evictions += 1
+
+    # -- closing -------------------------------------------------------------
+
+    def take_idle(self) -> list[AsyncConnectionInterface]:
+        """Forget every idle connection and return them for closing (partition dropped)."""
+        conns = list(self._idle_lru)
+        for conn in conns:
+            self._ledger.unpark(conn)
+        self._ledger.closed(len(conns))
+        self._idle.clear()
+        self._idle_lru.clear()
+        return conns
+
+    async def aclose(self) -> None:
+        """Close every connection, idle and active; in-flight requests fail."""
+        self.closed = True
+        conns = self.take_idle()
+        active = list(self._active)
+        await close_connections([*conns, *active])
+
+    async def __aenter__(self) -> PartitionPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _PoolStream:
+    """A response body that gives its connection back to the pool when closed."""
+
+    __slots__ = ("_conn", "_done", "_origin", "_pool", "_stream")
+
+    def __init__(
+        self,
+        stream: Any,
+        pool: PartitionPool,
+        conn: AsyncConnectionInterface,
+        origin: _OriginKey,
+    ) -> None:
+        self._stream = stream
+        self._pool = pool
+        self._conn = conn
+        self._origin = origin
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            with anyio.CancelScope(shield=True):
+                if hasattr(self._stream, "aclose"):
+                    await self._stream.aclose()
+        finally:
+            await self._pool._finish(self._conn, self._origin)

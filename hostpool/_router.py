@@ -1,0 +1,253 @@
+"""``HostRouter``: an ``httpx.AsyncClient`` with one pool and one quota per upstream."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from ._admission import Admission
+from ._pool import SocketLedger
+from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
+from ._stats import PartitionStats, RouterStats, WaitHistogram
+from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
+
+__all__ = ["HostRouter"]
+
+_UNBOUNDED = 1_000_000
+
+#: httpx's own default: 100 sockets, 20 of them idle.
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
+class HostRouter(httpx.AsyncClient):
+    """An ``httpx.AsyncClient`` that isolates upstream hosts from one another.
+
+    Every request is routed to a *partition* (by default its hostname) with
+    its own connection pool and its own quota, under a router-wide budget
+    ``limits``. A slow or failing upstream can use up its own quota, never
+    the connections the other upstreams need.
+
+    >>> router = HostRouter(
+    ...     quotas={"api.stripe.com": Quota(max_connections=20, reserved=5), "*.internal": 10},
+    ...     default_quota=Quota(max_connections=10),
+    ...     limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+    ... )
+    >>> router.partition_key("https://API.Stripe.com:8443/v1/charges")
+    'api.stripe.com'
+
+    Every other argument is ``httpx.AsyncClient``'s, with the same meaning.
+
+    Args:
+        quotas: per-host quotas, keyed by exact hostname or ``*.suffix``
+            wildcard (most specific wins); an ``int`` means
+            ``Quota(max_connections=n)``.
+        default_quota: the quota of every host no key matches. Default:
+            half the budget, so no single unlisted host can take it all.
+        partition_by: ``"host"`` (default, port ignored), ``"origin"``
+            (scheme, host and port), ``"domain"`` (registrable domain, from
+            tldextract's bundled suffix list) or a callable ``(httpx.URL) -> str``.
+        partition_idle_timeout: seconds a partition may stay unused (nothing
+            in flight or waiting) before it is dropped and its idle sockets closed.
+        limits: the router-wide budget: ``max_connections`` sockets open at
+            most across all partitions, ``max_keepalive_connections`` idle.
+    """
+
+    def __init__(
+        self,
+        *,
+        quotas: Mapping[str, int | Quota] | None = None,
+        default_quota: Quota | None = None,
+        partition_by: PartitionBy = "host",
+        partition_idle_timeout: float = 300.0,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+        mounts: Mapping[str, httpx.AsyncBaseTransport | None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(limits, httpx.Limits):
+            raise TypeError(f"limits must be an httpx.Limits, not {type(limits).__name__}")
+        budget = limits.max_connections if limits.max_connections is not None else _UNBOUNDED
+        if budget < 1:
+            raise ValueError(f"limits.max_connections must be >= 1; got {budget}")
+        keepalive = limits.max_keepalive_connections
+        max_keepalive = budget if keepalive is None else min(keepalive, budget)
+        if isinstance(partition_idle_timeout, bool) or not isinstance(
+            partition_idle_timeout, (int, float)
+        ):
+            raise TypeError("partition_idle_timeout must be a number of seconds")
+        if not partition_idle_timeout > 0:
+            raise ValueError(f"partition_idle_timeout must be > 0; got {partition_idle_timeout}")
+        if default_quota is None:
+            # Half the budget: no single unlisted host can take all of it.
+            half = (100 if budget == _UNBOUNDED else budget) // 2
+            default_quota = Quota(max_connections=max(1, half))
+        table = QuotaTable(quotas if quotas is not None else {}, default_quota, budget)
+        partitioner = Partitioner(partition_by)
+        if partitioner.mode == "domain":
+            _check_domain_keys(table, partitioner)
+        self._hp_table = table
+        self._hp_partitioner = partitioner
+        self._hp_ledger = SocketLedger(budget, max_keepalive)
+        self._hp_admission = Admission(
+            table, partitioner, budget, partition_idle_timeout=float(partition_idle_timeout)
+        )
+        self._hp_limits = limits
+        super().__init__(limits=limits, transport=transport, mounts=None, **kwargs)
+        if mounts is not None:
+            for pattern, inner in mounts.items():
+                self._mounts[httpx._utils.URLPattern(pattern)] = (
+                    None if inner is None else self._wrap(inner)
+                )
+            self._mounts = dict(sorted(self._mounts.items()))
+
+    # -- transport construction (called by httpx.AsyncClient.__init__) -------
+
+    def _wrap(self, transport: httpx.AsyncBaseTransport) -> AdmissionTransport:
+        if isinstance(transport, AdmissionTransport):
+            return transport
+        if type(transport) is httpx.AsyncHTTPTransport:
+            # A plain httpx transport (retries=, local_address=, uds=, ...):
+            # keep its settings, partition its pool.
+            return PartitionedTransport(self._hp_admission, transport, self._hp_ledger)
+        return AdmittedTransport(self._hp_admission, transport)
+
+    def _init_transport(
+        self,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> httpx.AsyncBaseTransport:
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(
+                verify=verify,
+                cert=cert,
+                trust_env=trust_env,
+                http1=http1,
+                http2=http2,
+                limits=limits,
+            )
+        return self._wrap(transport)
+
+    def _init_proxy_transport(
+        self,
+        proxy: httpx.Proxy,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+    ) -> httpx.AsyncBaseTransport:
+        factory = httpx.AsyncHTTPTransport(
+            verify=verify,
+            cert=cert,
+            trust_env=trust_env,
+            http1=http1,
+            http2=http2,
+            limits=limits,
+            proxy=proxy,
+        )
+        return self._wrap(factory)
+
+    # -- public API -----------------------------------------------------------
+
+    def partition_key(self, url: httpx.URL | str) -> str:
+        """Return the partition a URL is routed to.
+
+        >>> HostRouter(partition_by="origin").partition_key("https://Example.com/x")
+        'https://example.com:443'
+        """
+        key, _ = self._hp_partitioner(httpx.URL(url))
+        return key
+
+    def quota_for(self, url: httpx.URL | str) -> Quota:
+        """Return the quota that applies to a URL's partition."""
+        _, name = self._hp_partitioner(httpx.URL(url))
+        return self._hp_table.lookup(name).quota
+
+    def _transports(self) -> list[AdmissionTransport]:
+        found = [self._transport, *self._mounts.values()]
+        return [t for t in found if isinstance(t, AdmissionTransport)]
+
+    def stats(self) -> RouterStats:
+        """Return an immutable snapshot of the router and of every live partition."""
+        admission = self._hp_admission
+        scheduler = admission.scheduler
+        transports = self._transports()
+        partitions: dict[str, PartitionStats] = {}
+        wait = WaitHistogram()
+        for partition in admission.partitions():
+            sockets = [t.sockets(partition.key) for t in transports]
+            lane = partition.lane
+            wait.merge(partition.wait)
+            partitions[partition.key] = PartitionStats(
+                key=partition.key,
+                quota=partition.entry.quota,
+                quota_key=partition.entry.group,
+                in_flight=lane.in_flight,
+                waiting=lane.waiting,
+                sockets_open=sum(s[0] for s in sockets),
+                sockets_idle=sum(s[1] for s in sockets),
+                connections_opened=sum(s[2] for s in sockets),
+                requests=partition.requests,
+                requests_completed=partition.requests_completed,
+                requests_failed=partition.requests_failed,
+                pool_timeouts=partition.pool_timeouts,
+                overflows=partition.overflows,
+                evictions=sum(s[3] for s in sockets),
+                peak_in_flight=partition.peak_in_flight,
+                reserved_admissions=partition.reserved_admissions,
+                wait=partition.wait.summary(),
+            )
+        totals = admission.totals
+        ledger = self._hp_ledger
+        live = partitions.values()
+        return RouterStats(
+            budget=scheduler.budget,
+            max_keepalive=ledger.max_keepalive,
+            shared_slots=scheduler.shared_total,
+            shared_in_use=scheduler.shared_used,
+            in_flight=scheduler.in_flight,
+            waiting=scheduler.waiting,
+            sockets_open=ledger.open,
+            sockets_idle=len(ledger.idle),
+            connections_opened=ledger.opened,
+            requests=totals.requests + sum(p.requests for p in live),
+            requests_completed=totals.requests_completed + sum(p.requests_completed for p in live),
+            requests_failed=totals.requests_failed + sum(p.requests_failed for p in live),
+            pool_timeouts=totals.pool_timeouts + sum(p.pool_timeouts for p in live),
+            overflows=totals.overflows + sum(p.overflows for p in live),
+            evictions=ledger.evictions,
+            partitions_created=totals.created,
+            partitions_dropped=totals.dropped,
+            wait=admission.router_wait.summary(),
+            partitions=partitions,
+        )
+
+    async def aclose(self) -> None:
+        """Close the router: fail waiting requests, close every socket.
+
+        Requests waiting for a slot fail at once with :class:`~hostpool.RouterClosed`;
+        requests in flight fail as their connections close.
+        """
+        self._hp_admission.close()
+        await super().aclose()
+        self._hp_admission.forget_all()
+
+
+def _check_domain_keys(table: QuotaTable, partitioner: Partitioner) -> None:
+    """With ``partition_by="domain"``, an exact key must be a registrable domain."""
+    for name in table.exact_names():
+        domain = partitioner.domain_of(name)
+        if domain != name:
+            raise ValueError(
+                f"quota key {name!r} never matches with partition_by='domain': "
+                f"partitions are registrable domains, so use {domain!r}"
+            )

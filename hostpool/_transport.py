@@ -1,0 +1,188 @@
+"""The transports: admit each request to its partition, then send it.
+
+``PartitionedTransport`` sends through one :class:`~hostpool._pool.PartitionPool`
+per partition; ``AdmittedTransport`` wraps a transport the user supplied
+(``transport=`` or ``mounts=``, e.g. ``httpx.MockTransport``) and applies the
+quotas at admission only. Because these are ``httpx`` transports, redirects,
+auth, cookies and event hooks of ``httpx.AsyncClient`` work unchanged, and
+every redirect hop is routed by its own host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpcore
+import httpx
+
+from ._admission import Admission, Partition
+from ._pool import PartitionPool, SocketLedger, close_connections
+from ._scheduler import Ticket
+
+__all__ = ["AdmissionTransport", "AdmittedTransport", "PartitionedTransport"]
+
+
+class AdmissionTransport(httpx.AsyncBaseTransport):
+    """Base: admission around ``_send``; the slot is held until the body is closed."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        admission = self._admission
+        try:
+            key, quota_name = admission.partitioner(request.url)
+        except ValueError as exc:
+            raise httpx.UnsupportedProtocol(str(exc), request=request) from None
+        # No await between the lookup and the admission (see Admission.partition).
+        partition = admission.partition(key, quota_name)
+        timeout = partition.entry.quota.pool_timeout
+        if timeout is None:
+            timeout = request.extensions.get("timeout", {}).get("pool")
+        ticket = await admission.acquire(partition, timeout)
+        try:
+            response = await self._send(partition, request)
+        except BaseException:
+            admission.release(ticket, failed=True)
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _ReleasingStream(response.stream, admission, ticket)
+        return response
+
+    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
+        raise NotImplementedError
+
+    def sockets(self, key: str) -> tuple[int, int, int, int]:
+        """Return ``(open, idle, opened, evictions)`` for a partition's pool here."""
+        return (0, 0, 0, 0)
+
+    async def aclose(self) -> None:
+        self._admission.close()
+
+
+class AdmittedTransport(AdmissionTransport):
+    """Admission in front of a user-supplied transport (shared by all partitions)."""
+
+    def __init__(self, admission: Admission, inner: httpx.AsyncBaseTransport) -> None:
+        super().__init__(admission)
+        self.inner = inner
+
+    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+    async def __aenter__(self) -> AdmittedTransport:
+        await self.inner.__aenter__()
+        return self
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.inner.aclose()
+
+
+class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
+    """``httpx.AsyncHTTPTransport`` over one partition's pool.
+
+    A subclass, so that tools patching ``httpx.AsyncHTTPTransport`` (such as
+    pytest-httpx) still see every request; it inherits the httpx <-> httpcore
+    conversion and exception mapping unchanged.
+    """
+
+    def __init__(self, pool: PartitionPool) -> None:
+        # No super().__init__(): that would build an httpcore pool we never use.
+        self._pool = pool  # type: ignore[assignment]
+
+
+class PartitionedTransport(AdmissionTransport):
+    """Admission plus one connection pool per partition, under one socket ledger."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        factory: httpx.AsyncHTTPTransport,
+        ledger: SocketLedger,
+    ) -> None:
+        super().__init__(admission)
+        self._factory = factory
+        self._ledger = ledger
+        self._pools: dict[str, _PartitionHTTPTransport] = {}
+        self._closing: list[httpcore.AsyncConnectionInterface] = []
+        admission.add_hooks(self._on_drop, self._has_sockets)
+
+    def _pool(self, partition: Partition) -> PartitionPool:
+        transport = self._pools.get(partition.key)
+        if transport is None:
+            pool = PartitionPool(
+                partition.key,
+                self._factory._pool,
+                self._ledger,
+                partition.entry.quota.keepalive,
+            )
+            transport = self._pools[partition.key] = _PartitionHTTPTransport(pool)
+        return transport._pool  # type: ignore[return-value]
+
+    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
+        if self._closing:
+            closing, self._closing = self._closing, []
+            await close_connections(closing)
+        transport = self._pools.get(partition.key)
+        if transport is None:
+            self._pool(partition)
+            transport = self._pools[partition.key]
+        return await transport.handle_async_request(request)
+
+    def _on_drop(self, key: str) -> None:
+        transport = self._pools.pop(key, None)
+        if transport is not None:
+            pool: PartitionPool = transport._pool  # type: ignore[assignment]
+            self._closing.extend(pool.take_idle())
+
+    def _has_sockets(self, key: str) -> bool:
+        transport = self._pools.get(key)
+        return transport is not None and transport._pool.sockets_open > 0  # type: ignore[attr-defined]
+
+    def sockets(self, key: str) -> tuple[int, int, int, int]:
+        transport = self._pools.get(key)
+        if transport is None:
+            return (0, 0, 0, 0)
+        pool: PartitionPool = transport._pool  # type: ignore[assignment]
+        return (pool.sockets_open, pool.sockets_idle, pool.opened, pool.evictions)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        closing, self._closing = self._closing, []
+        await close_connections(closing)
+        pools = list(self._pools.values())
+        for transport in pools:
+            await transport.aclose()
+        await self._factory.aclose()
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that returns the admission slot when it is closed (once)."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, admission: Admission, ticket: Ticket) -> None:
+        self._stream = stream
+        self._admission = admission
+        self._ticket: Ticket | None = ticket
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except BaseException:
+            await self._close(failed=True)
+            raise
+
+    async def aclose(self) -> None:
+        await self._close(failed=False)
+
+    async def _close(self, *, failed: bool) -> None:
+        ticket, self._ticket = self._ticket, None
+        if ticket is None:
+            return
+        try:
+            await self._stream.aclose()
+        finally:
+            # The connection is back in its pool (or closed) before the slot
+            # is released: the ledger is current when the next request runs.
+            self._admission.release(ticket, failed=failed)
