@@ -98,6 +98,22 @@ def _current_loop() -> object:
     return library  # pragma: no cover - other anyio backends
 
 
+def _loop_alive(loop: object) -> bool:
+    """Tell whether the event loop identified by ``loop`` still runs."""
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return not loop.is_closed()
+    try:
+        import trio
+    except ImportError:  # pragma: no cover - trio tokens only exist with trio
+        return True
+    if isinstance(loop, trio.lowlevel.TrioToken):
+        try:
+            loop.run_sync_soon(lambda: None)
+        except trio.RunFinishedError:
+            return False
+    return True
+
+
 DropHook = Callable[[str], None]
 
 
@@ -127,7 +143,7 @@ class Admission:
         # so the idle sweep only ever looks at the head: O(1) per request.
         self._partitions: OrderedDict[str, Partition] = OrderedDict()
         self._drop_hooks: list[DropHook] = []
-        self._socket_hooks: list[Callable[[str], bool]] = []
+        self._rebind_hooks: list[Callable[[], None]] = []
         self._loop: object | None = None
         self.totals = _Totals()
         self.router_wait = WaitHistogram()
@@ -135,10 +151,10 @@ class Admission:
 
     # -- partitions ----------------------------------------------------------
 
-    def add_hooks(self, on_drop: DropHook, has_sockets: Callable[[str], bool]) -> None:
-        """Register a pool layer: told of dropped partitions, asked which hold sockets."""
+    def add_hooks(self, on_drop: DropHook, on_rebind: Callable[[], None]) -> None:
+        """Register a pool layer: told of dropped partitions and of a change of event loop."""
         self._drop_hooks.append(on_drop)
-        self._socket_hooks.append(has_sockets)
+        self._rebind_hooks.append(on_rebind)
 
     def partitions(self) -> Iterator[Partition]:
         """Iterate over the live partitions."""
@@ -200,21 +216,25 @@ class Admission:
         loop = _current_loop()
         if loop is self._loop:
             return
-        if self._loop is not None and self._busy():
+        if self._loop is not None and _loop_alive(self._loop) and self._busy():
             raise RuntimeError(
                 "this HostRouter is in use by another event loop; "
                 "create one router per event loop (or per thread)"
             )
-        # First use, or the previous loop left nothing behind: bind to this one.
-        # Pools and limiters of the previous loop cannot be used here.
-        for partition in list(self._partitions.values()):
-            self._drop(partition)
+        # First use, or the previous loop is gone or left nothing in flight:
+        # bind to this one. Sockets and waiters of the previous loop cannot be
+        # used from here, so start from a clean slate.
+        if self._loop is not None:
+            self._partitions.clear()
+            self.scheduler = Scheduler(
+                self.budget, {e.group: e.quota.reserved for e in self.table.entries()}
+            )
+            for hook in self._rebind_hooks:
+                hook()
         self._loop = loop
 
     def _busy(self) -> bool:
-        if self.scheduler.in_flight or self.scheduler.waiting:
-            return True
-        return any(hook(key) for hook in self._socket_hooks for key in self._partitions)
+        return bool(self.scheduler.in_flight or self.scheduler.waiting)
 
     # -- admission -----------------------------------------------------------
 

@@ -37,6 +37,8 @@ import anyio
 import httpcore
 from httpcore import AsyncConnectionInterface, Origin
 
+from ._errors import RouterClosed
+
 __all__ = ["PartitionPool", "SocketLedger"]
 
 logger = logging.getLogger("hostpool")
@@ -98,6 +100,11 @@ class SocketLedger:
         """Record that an idle connection was taken back into use."""
         del self.idle[conn]
 
+    def reset(self) -> None:
+        """Forget every socket (they belonged to an event loop that is gone)."""
+        self.open = 0
+        self.idle.clear()
+
     def closed(self, count: int = 1) -> None:
         """Record that ``count`` counted sockets were closed."""
         self.open -= count
@@ -140,6 +147,8 @@ class PartitionPool:
         self._active: dict[AsyncConnectionInterface, int] = {}
         # HTTP/2 connections in use that can take another stream.
         self._shared: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
+        # Cancel scopes of requests between checkout and response headers.
+        self._sending: set[anyio.CancelScope] = set()
         self.opened = 0
         self.evictions = 0
         self.closed = False
@@ -176,8 +185,15 @@ class PartitionPool:
         while True:
             conn = await self._checkout(origin, key)
             self._active[conn] = self._active.get(conn, 0) + 1
+            # A connection that is still connecting has no socket that aclose()
+            # could close, so closing the pool cancels this scope instead.
+            scope = anyio.CancelScope()
+            self._sending.add(scope)
             try:
-                response = await conn.handle_async_request(request)
+                with scope:
+                    response = await conn.handle_async_request(request)
+                if scope.cancelled_caught:
+                    raise RouterClosed("the HostRouter was closed while this request was sent")
             except httpcore.ConnectionNotAvailable:
                 # The connection was taken or closed under us (HTTP/2 stream
                 # limits, a server that closed it): use another, as httpcore does.
@@ -186,6 +202,8 @@ class PartitionPool:
             except BaseException:
                 await self._finish(conn, key)
                 raise
+            finally:
+                self._sending.discard(scope)
             break
         if conn.is_available() and not conn.is_idle():
             # HTTP/2: the connection can take more streams while this one runs.
@@ -281,6 +299,8 @@ class PartitionPool:
     async def aclose(self) -> None:
         """Close every connection, idle and active; in-flight requests fail."""
         self.closed = True
+        for scope in self._sending:
+            scope.cancel()
         conns = self.take_idle()
         active = list(self._active)
         await close_connections([*conns, *active])

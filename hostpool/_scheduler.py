@@ -137,6 +137,10 @@ class Scheduler:
     def __init__(self, budget: int, reservations: Mapping[str, int]) -> None:
         if budget < 1:
             raise ValueError(f"budget must be >= 1; got {budget}")
+        for name, reserved in reservations.items():
+            # A negative reservation would inflate shared_total past the budget.
+            if reserved < 0:
+                raise ValueError(f"reservation of {name!r} must be >= 0; got {reserved}")
         total = sum(reservations.values())
         if total > budget:
             raise ValueError(f"reservations ({total}) exceed the budget ({budget})")

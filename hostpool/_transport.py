@@ -45,6 +45,11 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         except BaseException:
             admission.release(ticket, failed=True)
             raise
+        if response.is_closed:
+            # Already read and closed (e.g. an httpx.Response built from
+            # bytes by a MockTransport): no body will ever be closed later.
+            admission.release(ticket)
+            return response
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _ReleasingStream(response.stream, admission, ticket)
         return response
@@ -106,7 +111,7 @@ class PartitionedTransport(AdmissionTransport):
         self._ledger = ledger
         self._pools: dict[str, _PartitionHTTPTransport] = {}
         self._closing: list[httpcore.AsyncConnectionInterface] = []
-        admission.add_hooks(self._on_drop, self._has_sockets)
+        admission.add_hooks(self._on_drop, self._on_rebind)
 
     def _pool(self, partition: Partition) -> PartitionPool:
         transport = self._pools.get(partition.key)
@@ -136,9 +141,12 @@ class PartitionedTransport(AdmissionTransport):
             pool: PartitionPool = transport._pool  # type: ignore[assignment]
             self._closing.extend(pool.take_idle())
 
-    def _has_sockets(self, key: str) -> bool:
-        transport = self._pools.get(key)
-        return transport is not None and transport._pool.sockets_open > 0  # type: ignore[attr-defined]
+    def _on_rebind(self) -> None:
+        # The connections belong to an event loop we no longer run in: they
+        # can be neither used nor closed from here. Forget them.
+        self._pools.clear()
+        self._closing.clear()
+        self._ledger.reset()
 
     def sockets(self, key: str) -> tuple[int, int, int, int]:
         transport = self._pools.get(key)
