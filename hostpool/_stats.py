@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ._quota import Quota
 
-__all__ = ["PartitionStats", "RouterStats", "WaitHistogram", "WaitSummary"]
+__all__ = ["WAIT_BUCKETS", "PartitionStats", "RouterStats", "WaitHistogram", "WaitSummary"]
 
 # Bucket i holds waits in [BASE * GROWTH**(i-1), BASE * GROWTH**i); bucket 0
 # holds everything below BASE (including "no wait at all"). 10 µs to ~10 min
@@ -20,6 +20,25 @@ _BASE = 1e-5
 _GROWTH = 1.1
 _BUCKETS = 192
 _LOG_GROWTH = math.log(_GROWTH)
+
+#: Upper bounds (seconds) of the cumulative wait buckets in :class:`WaitSummary`,
+#: the usual Prometheus latency buckets.
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 def _bucket_upper(index: int) -> float:
@@ -31,7 +50,9 @@ class WaitSummary:
     """Pool-wait times of one partition: how long requests waited for a slot.
 
     Quantiles come from a log-scale histogram and are accurate to about 10%.
-    All figures are seconds.
+    All figures are seconds. ``buckets`` pairs each bound of
+    :data:`WAIT_BUCKETS` with the number of waits at or below it (cumulative,
+    as a Prometheus histogram wants them; within the same 10%).
     """
 
     count: int = 0
@@ -40,6 +61,7 @@ class WaitSummary:
     p95: float = 0.0
     p99: float = 0.0
     max: float = 0.0
+    buckets: tuple[tuple[float, int], ...] = ()
 
     @property
     def mean(self) -> float:
@@ -99,7 +121,20 @@ class WaitHistogram:
             p95=self.quantile(0.95),
             p99=self.quantile(0.99),
             max=self.max,
+            buckets=self.cumulative(WAIT_BUCKETS),
         )
+
+    def cumulative(self, bounds: tuple[float, ...]) -> tuple[tuple[float, int], ...]:
+        """Return ``(bound, waits <= bound)`` for each bound, from the log buckets."""
+        out: list[tuple[float, int]] = []
+        seen = 0
+        index = 0
+        for bound in bounds:
+            while index < _BUCKETS and _bucket_upper(index) <= bound * 1.000001:
+                seen += self.buckets[index]
+                index += 1
+            out.append((bound, seen))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
