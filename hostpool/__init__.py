@@ -4,12 +4,14 @@
 >>> router = hostpool.HostRouter(quotas={"api.stripe.com": 20})
 """
 
+from ._diagnose import Finding
 from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
 from ._quota import PartitionBy, Quota
 from ._router import HostRouter
 from ._stats import PartitionStats, RouterStats, WaitSummary
 
 __all__ = [
+    "Finding",
     "HostRouter",
     "PartitionBy",
     "PartitionStats",

@@ -38,6 +38,7 @@ class Partition:
         "limiter",
         "overflows",
         "peak_in_flight",
+        "peak_waiting",
         "pool_timeouts",
         "quiet_since",
         "requests",
@@ -65,6 +66,7 @@ class Partition:
         self.overflows = 0
         self.evictions = 0
         self.peak_in_flight = 0
+        self.peak_waiting = 0
         self.reserved_admissions = 0
         self.wait = WaitHistogram()
 
@@ -270,6 +272,8 @@ class Admission:
                 partition=partition.key,
                 waited=0.0,
             )
+        if lane.waiting > partition.peak_waiting:
+            partition.peak_waiting = lane.waiting
         return await self._wait(partition, ticket, patience)
 
     async def _wait(self, partition: Partition, ticket: Ticket, patience: float | None) -> Ticket:
@@ -348,7 +352,12 @@ class Admission:
         partition.limiter.acquire_on_behalf_of_nowait(ticket)
         if lane.in_flight > partition.peak_in_flight:
             partition.peak_in_flight = lane.in_flight
-        if lane.group.used <= lane.group.reserved:
+        scheduler = self.scheduler
+        if (
+            lane.group.used <= lane.group.reserved
+            and scheduler.shared_used >= scheduler.shared_total
+        ):
+            # Admitted only thanks to the reservation: shared slots were all in use.
             partition.reserved_admissions += 1
 
     def _settle(self, partition: Partition) -> None:

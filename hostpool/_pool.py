@@ -70,6 +70,11 @@ class SocketLedger:
             self.open -= 1
             self.evictions += 1
             evicted.append(conn)
+            logger.debug(
+                "%s: idle socket closed to stay within max_connections=%d",
+                pool.key,
+                self.max_connections,
+            )
         self.open += 1
         self.opened += 1
         return evicted
@@ -85,6 +90,11 @@ class SocketLedger:
             owner.evicted(old)
             self.open -= 1
             closing.append(old)
+            logger.debug(
+                "%s: idle socket closed to stay within max_keepalive_connections=%d",
+                owner.key,
+                self.max_keepalive,
+            )
         # Idle connections expire in the order they went idle, so checking the
         # oldest one is enough to clear them out over time, in O(1) per park.
         if self.idle:

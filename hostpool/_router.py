@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from ._admission import Admission
+from ._diagnose import Finding, diagnose
 from ._pool import SocketLedger
 from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
 from ._stats import PartitionStats, RouterStats, WaitHistogram
@@ -203,6 +204,7 @@ class HostRouter(httpx.AsyncClient):
                 overflows=partition.overflows,
                 evictions=sum(s[3] for s in sockets),
                 peak_in_flight=partition.peak_in_flight,
+                peak_waiting=partition.peak_waiting,
                 reserved_admissions=partition.reserved_admissions,
                 wait=partition.wait.summary(),
             )
@@ -229,6 +231,30 @@ class HostRouter(httpx.AsyncClient):
             partitions_dropped=totals.dropped,
             wait=admission.router_wait.summary(),
             partitions=partitions,
+        )
+
+    def diagnose(self, *, min_requests: int = 20) -> list[Finding]:
+        """Read the stats for the warning signs of a mis-sized pool, in plain words.
+
+        Each :class:`~hostpool.Finding` names the partition, the figures behind
+        it and a setting to try: pool too small (waits, timeouts, rejections),
+        connection churn, keepalive close to the cap, no pool timeout, a
+        reservation that never helped.
+
+        >>> for finding in router.diagnose():  # doctest: +SKIP
+        ...     print(finding)
+        api.example.com: pool too small: requests wait for a slot (...). Requests ...
+        """
+        reserved = {
+            entry.group: entry.quota
+            for entry in self._hp_table.entries()
+            if entry.quota.reserved and not entry.group.startswith(("*", "<"))
+        }
+        return diagnose(
+            self.stats(),
+            default_pool_timeout=self.timeout.pool,
+            min_requests=min_requests,
+            reserved_keys=reserved,
         )
 
     async def aclose(self) -> None:

@@ -143,7 +143,10 @@ class PartitionStats:
 
     ``connections_opened / requests_completed`` is the churn ratio: near 0
     means sockets are reused, near 1 means almost every request pays for a
-    new connection.
+    new connection. ``reserved_admissions`` counts requests admitted only
+    thanks to the reservation, while every shared slot was in use.
+    ``peak_in_flight`` and ``peak_waiting`` are highs since the partition was
+    created.
     """
 
     key: str
@@ -161,6 +164,7 @@ class PartitionStats:
     overflows: int
     evictions: int
     peak_in_flight: int
+    peak_waiting: int
     reserved_admissions: int
     wait: WaitSummary = field(default_factory=WaitSummary)
 
