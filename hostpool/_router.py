@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,6 +87,13 @@ class HostRouter(httpx.AsyncClient):
             half = (100 if budget == _UNBOUNDED else budget) // 2
             default_quota = Quota(max_connections=max(1, half))
         table = QuotaTable(quotas if quotas is not None else {}, default_quota, budget)
+        if table.total_reserved() >= budget and budget != _UNBOUNDED:
+            warnings.warn(
+                f"the quotas reserve all {budget} slots of limits.max_connections: "
+                "hosts without a reservation can never be served",
+                UserWarning,
+                stacklevel=2,
+            )
         partitioner = Partitioner(partition_by)
         if partitioner.mode == "domain":
             _check_domain_keys(table, partitioner)
