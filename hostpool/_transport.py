@@ -27,6 +27,9 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
+        # Response bodies not closed yet: aclose() closes them, so closing the
+        # router gives back every slot even if a caller abandoned a stream.
+        self._open: set[_ReleasingStream] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         admission = self._admission
@@ -51,7 +54,7 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
             admission.release(ticket)
             return response
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _ReleasingStream(response.stream, admission, ticket)
+        response.stream = _ReleasingStream(response.stream, admission, ticket, self._open)
         return response
 
     async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
@@ -63,6 +66,8 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._admission.close()
+        for stream in list(self._open):
+            await stream.aclose()
 
 
 class AdmittedTransport(AdmissionTransport):
@@ -168,10 +173,18 @@ class PartitionedTransport(AdmissionTransport):
 class _ReleasingStream(httpx.AsyncByteStream):
     """A response body that returns the admission slot when it is closed (once)."""
 
-    def __init__(self, stream: httpx.AsyncByteStream, admission: Admission, ticket: Ticket) -> None:
+    def __init__(
+        self,
+        stream: httpx.AsyncByteStream,
+        admission: Admission,
+        ticket: Ticket,
+        registry: set[_ReleasingStream],
+    ) -> None:
         self._stream = stream
         self._admission = admission
         self._ticket: Ticket | None = ticket
+        self._registry = registry
+        registry.add(self)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -188,6 +201,7 @@ class _ReleasingStream(httpx.AsyncByteStream):
         ticket, self._ticket = self._ticket, None
         if ticket is None:
             return
+        self._registry.discard(self)
         try:
             await self._stream.aclose()
         finally:
