@@ -29,6 +29,7 @@ pooling is ours.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -155,8 +156,12 @@ class PartitionPool:
         self._idle_lru: OrderedDict[AsyncConnectionInterface, _OriginKey] = OrderedDict()
         # Connections carrying requests, with their number of streams.
         self._active: dict[AsyncConnectionInterface, int] = {}
-        # HTTP/2 connections in use that can take another stream.
+        # Connections in use that can take another stream: HTTP/2 ones, and
+        # new ones that may turn out HTTP/2 (httpcore sends concurrent first
+        # requests to a connecting HTTP/2-capable connection the same way).
         self._shared: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
+        # Connections known to speak HTTP/2 (weak: closing one forgets it).
+        self._multiplexed: weakref.WeakSet[AsyncConnectionInterface] = weakref.WeakSet()
         # Cancel scopes of requests between checkout and response headers.
         self._sending: set[anyio.CancelScope] = set()
         self.opened = 0
@@ -193,8 +198,10 @@ class PartitionPool:
         origin = request.url.origin
         key: _OriginKey = (origin.scheme, origin.host, origin.port)
         while True:
-            conn = await self._checkout(origin, key)
+            conn, shareable = await self._checkout(origin, key)
             self._active[conn] = self._active.get(conn, 0) + 1
+            if shareable:
+                self._share(conn, key)
             # A connection that is still connecting has no socket that aclose()
             # could close, so closing the pool cancels this scope instead.
             scope = anyio.CancelScope()
@@ -215,11 +222,11 @@ class PartitionPool:
             finally:
                 self._sending.discard(scope)
             break
-        if conn.is_available() and not conn.is_idle():
-            # HTTP/2: the connection can take more streams while this one runs.
-            shared = self._shared.setdefault(key, [])
-            if conn not in shared:
-                shared.append(conn)
+        if response.extensions.get("http_version") == b"HTTP/2":
+            self._multiplexed.add(conn)
+            self._share(conn, key)
+        else:
+            self._unshare(conn, key)
         return httpcore.Response(
             status=response.status,
             headers=response.headers,
@@ -227,12 +234,27 @@ class PartitionPool:
             extensions=response.extensions,
         )
 
-    async def _checkout(self, origin: Origin, key: _OriginKey) -> AsyncConnectionInterface:
+    def _share(self, conn: AsyncConnectionInterface, key: _OriginKey) -> None:
+        shared = self._shared.setdefault(key, [])
+        if conn not in shared:
+            shared.append(conn)
+
+    def _unshare(self, conn: AsyncConnectionInterface, key: _OriginKey) -> None:
+        shared = self._shared.get(key)
+        if shared and conn in shared:
+            shared.remove(conn)
+            if not shared:
+                del self._shared[key]
+
+    async def _checkout(
+        self, origin: Origin, key: _OriginKey
+    ) -> tuple[AsyncConnectionInterface, bool]:
+        """Return a connection for ``origin`` and whether others may share it now."""
         shared = self._shared.get(key)
         if shared:
             for conn in shared:
                 if conn.is_available():
-                    return conn
+                    return conn, False
         idle = self._idle.get(key)
         discard: list[AsyncConnectionInterface] = []
         try:
@@ -241,7 +263,7 @@ class PartitionPool:
                 del self._idle_lru[conn]
                 self._ledger.unpark(conn)
                 if conn.is_available() and not conn.has_expired():
-                    return conn
+                    return conn, conn in self._multiplexed
                 # Expired, or the server closed it while idle: the next
                 # request goes to a fresh connection, as httpx does.
                 discard.append(conn)
@@ -249,7 +271,10 @@ class PartitionPool:
             for conn in self._ledger.reserve():
                 discard.append(conn)
             self.opened += 1
-            return self._factory.create_connection(origin)
+            conn = self._factory.create_connection(origin)
+            # True when HTTP/2 is possible (https, http2=True): let concurrent
+            # requests wait on this connection rather than open their own.
+            return conn, conn.is_available()
         finally:
             if idle is not None and not idle:
                 self._idle.pop(key, None)
@@ -263,11 +288,7 @@ class PartitionPool:
             self._active[conn] = streams
             return
         del self._active[conn]
-        shared = self._shared.get(origin)
-        if shared and conn in shared:
-            shared.remove(conn)
-            if not shared:
-                del self._shared[origin]
+        self._unshare(conn, origin)
         closing: list[AsyncConnectionInterface] = []
         if not self.closed and conn.is_idle() and conn.is_available() and not conn.has_expired():
             self._idle.setdefault(origin, []).append(conn)
