@@ -32,7 +32,6 @@ class Partition:
 
     __slots__ = (
         "entry",
-        "evictions",
         "key",
         "lane",
         "limiter",
@@ -45,11 +44,13 @@ class Partition:
         "requests_completed",
         "requests_failed",
         "reserved_admissions",
+        "serial",
         "wait",
     )
 
-    def __init__(self, key: str, entry: QuotaEntry, lane: Lane, budget: int) -> None:
+    def __init__(self, key: str, entry: QuotaEntry, lane: Lane, budget: int, serial: int) -> None:
         self.key = key
+        self.serial = serial
         self.entry = entry
         self.lane = lane
         # The limiter mirrors the scheduler's count for this partition: a
@@ -64,7 +65,6 @@ class Partition:
         self.requests_failed = 0
         self.pool_timeouts = 0
         self.overflows = 0
-        self.evictions = 0
         self.peak_in_flight = 0
         self.peak_waiting = 0
         self.reserved_admissions = 0
@@ -83,7 +83,6 @@ class _Totals:
     requests_failed: int = 0
     pool_timeouts: int = 0
     overflows: int = 0
-    evictions: int = 0
     created: int = 0
     dropped: int = 0
 
@@ -180,8 +179,10 @@ class Admission:
             lane = self.scheduler.lane(
                 key, entry.group, min(quota.max_connections, self.budget), quota.max_pending
             )
-            partition = self._partitions[key] = Partition(key, entry, lane, self.budget)
             self.totals.created += 1
+            partition = self._partitions[key] = Partition(
+                key, entry, lane, self.budget, self.totals.created
+            )
             logger.debug("partition %s created (quota %s)", key, entry.group)
         return partition
 
@@ -204,6 +205,11 @@ class Admission:
         del self._partitions[partition.key]
         for hook in self._drop_hooks:
             hook(partition.key)
+        self._retire(partition)
+        logger.debug("partition %s dropped after %.0fs idle", partition.key, self.idle_timeout)
+
+    def _retire(self, partition: Partition) -> None:
+        """Fold a partition's counts into the totals, so router totals never go down."""
         totals = self.totals
         totals.dropped += 1
         totals.requests += partition.requests
@@ -211,8 +217,6 @@ class Admission:
         totals.requests_failed += partition.requests_failed
         totals.pool_timeouts += partition.pool_timeouts
         totals.overflows += partition.overflows
-        totals.evictions += partition.evictions
-        logger.debug("partition %s dropped after %.0fs idle", partition.key, self.idle_timeout)
 
     def _check_loop(self) -> None:
         loop = _current_loop()
@@ -227,6 +231,8 @@ class Admission:
         # bind to this one. Sockets and waiters of the previous loop cannot be
         # used from here, so start from a clean slate.
         if self._loop is not None:
+            for partition in self._partitions.values():
+                self._retire(partition)
             self._partitions.clear()
             self.scheduler = Scheduler(
                 self.budget, {e.group: e.quota.reserved for e in self.table.entries()}

@@ -69,7 +69,6 @@ class SocketLedger:
             conn, pool = self.idle.popitem(last=False)
             pool.evicted(conn)
             self.open -= 1
-            self.evictions += 1
             evicted.append(conn)
             logger.debug(
                 "%s: idle socket closed to stay within max_connections=%d",
@@ -314,6 +313,7 @@ class PartitionPool:
         if not idle:
             del self._idle[origin]
         self.evictions += 1
+        self._ledger.evictions += 1
 
     # -- closing -------------------------------------------------------------
 

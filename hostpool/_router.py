@@ -198,6 +198,7 @@ class HostRouter(httpx.AsyncClient):
             wait.merge(partition.wait)
             partitions[partition.key] = PartitionStats(
                 key=partition.key,
+                serial=partition.serial,
                 quota=partition.entry.quota,
                 quota_key=partition.entry.group,
                 in_flight=lane.in_flight,

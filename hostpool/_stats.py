@@ -70,12 +70,17 @@ class WaitSummary:
 
 
 class WaitHistogram:
-    """A bounded, O(1)-per-sample histogram of wait times."""
+    """A bounded, O(1)-per-sample histogram of wait times.
+
+    Buckets are kept sparse (a dict of the buckets seen), so a partition whose
+    requests never wait costs one entry, not a full array: it matters for a
+    crawler with thousands of partitions.
+    """
 
     __slots__ = ("buckets", "count", "max", "total")
 
     def __init__(self) -> None:
-        self.buckets = [0] * _BUCKETS
+        self.buckets: dict[int, int] = {}
         self.count = 0
         self.total = 0.0
         self.max = 0.0
@@ -86,7 +91,8 @@ class WaitHistogram:
             index = 0
         else:
             index = min(_BUCKETS - 1, int(math.log(seconds / _BASE) / _LOG_GROWTH) + 1)
-        self.buckets[index] += 1
+        buckets = self.buckets
+        buckets[index] = buckets.get(index, 0) + 1
         self.count += 1
         self.total += seconds
         if seconds > self.max:
@@ -94,47 +100,61 @@ class WaitHistogram:
 
     def merge(self, other: WaitHistogram) -> None:
         """Add every sample of ``other`` to this histogram."""
-        for i, n in enumerate(other.buckets):
-            self.buckets[i] += n
+        buckets = self.buckets
+        for i, n in other.buckets.items():
+            buckets[i] = buckets.get(i, 0) + n
         self.count += other.count
         self.total += other.total
         self.max = max(self.max, other.max)
 
-    def quantile(self, q: float) -> float:
-        """Return the upper edge of the bucket holding quantile ``q`` (capped at the max)."""
+    def quantiles(self, *qs: float) -> tuple[float, ...]:
+        """Return the upper edge of the bucket holding each quantile (capped at the max)."""
         if not self.count:
-            return 0.0
-        rank = q * self.count
-        seen = 0
-        for i, n in enumerate(self.buckets):
-            seen += n
-            if seen >= rank and n:
-                return 0.0 if i == 0 else min(_bucket_upper(i), self.max)
-        return self.max
+            return tuple(0.0 for _ in qs)
+        ranked = sorted(self.buckets.items())
+        out: list[float] = []
+        for q in qs:
+            rank = q * self.count
+            seen = 0
+            value = self.max
+            for i, n in ranked:
+                seen += n
+                if seen >= rank:
+                    value = 0.0 if i == 0 else min(_bucket_upper(i), self.max)
+                    break
+            out.append(value)
+        return tuple(out)
 
     def summary(self) -> WaitSummary:
         """Return an immutable summary."""
+        if not self.count:
+            return _EMPTY_SUMMARY
+        p50, p95, p99 = self.quantiles(0.50, 0.95, 0.99)
         return WaitSummary(
             count=self.count,
             total=self.total,
-            p50=self.quantile(0.50),
-            p95=self.quantile(0.95),
-            p99=self.quantile(0.99),
+            p50=p50,
+            p95=p95,
+            p99=p99,
             max=self.max,
             buckets=self.cumulative(WAIT_BUCKETS),
         )
 
     def cumulative(self, bounds: tuple[float, ...]) -> tuple[tuple[float, int], ...]:
         """Return ``(bound, waits <= bound)`` for each bound, from the log buckets."""
+        ranked = sorted(self.buckets.items())
         out: list[tuple[float, int]] = []
         seen = 0
-        index = 0
+        position = 0
         for bound in bounds:
-            while index < _BUCKETS and _bucket_upper(index) <= bound * 1.000001:
-                seen += self.buckets[index]
-                index += 1
+            while position < len(ranked) and _bucket_upper(ranked[position][0]) <= bound * 1.000001:
+                seen += ranked[position][1]
+                position += 1
             out.append((bound, seen))
         return tuple(out)
+
+
+_EMPTY_SUMMARY = WaitSummary(buckets=tuple((bound, 0) for bound in WAIT_BUCKETS))
 
 
 @dataclass(frozen=True)
@@ -146,10 +166,12 @@ class PartitionStats:
     new connection. ``reserved_admissions`` counts requests admitted only
     thanks to the reservation, while every shared slot was in use.
     ``peak_in_flight`` and ``peak_waiting`` are highs since the partition was
-    created.
+    created. ``serial`` numbers partitions in order of creation: a partition
+    dropped after ``partition_idle_timeout`` and created again has a new one.
     """
 
     key: str
+    serial: int
     quota: Quota
     quota_key: str
     in_flight: int

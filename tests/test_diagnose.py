@@ -18,6 +18,7 @@ from hostpool._stats import PartitionStats, RouterStats, WaitSummary
 def _partition(key: str = "api.example.com", **changes: object) -> PartitionStats:
     base = PartitionStats(
         key=key,
+        serial=1,
         quota=Quota(max_connections=4, pool_timeout=2.0),
         quota_key=key,
         in_flight=0,
