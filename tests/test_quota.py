@@ -173,7 +173,9 @@ def test_reservations_must_fit_in_the_budget() -> None:
         "a.com": Quota(max_connections=5, reserved=5),
         "*.b.com": Quota(max_connections=5, reserved=4),
     }
-    with pytest.raises(ValueError, match="reserve 9 slots in all, more than limits.max_connections=8"):
+    with pytest.raises(
+        ValueError, match="reserve 9 slots in all, more than limits.max_connections=8"
+    ):
         _table(quotas, budget=8)
     assert _table(quotas, budget=9).total_reserved() == 9
 
