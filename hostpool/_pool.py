@@ -161,6 +161,8 @@ class PartitionPool:
         self._shared: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
         # Connections known to speak HTTP/2 (weak: closing one forgets it).
         self._multiplexed: weakref.WeakSet[AsyncConnectionInterface] = weakref.WeakSet()
+        # Connections to close when their last stream ends.
+        self._retiring: weakref.WeakSet[AsyncConnectionInterface] = weakref.WeakSet()
         # Cancel scopes of requests between checkout and response headers.
         self._sending: set[anyio.CancelScope] = set()
         self.opened = 0
@@ -216,6 +218,12 @@ class PartitionPool:
                 await self._finish(conn, key)
                 continue
             except BaseException:
+                # A request that failed or was cancelled mid-exchange may leave
+                # the connection in a state httpcore does not notice (an HTTP/2
+                # write interrupted by cancellation still looks usable): never
+                # hand it to another request; close it once its streams end.
+                self._retiring.add(conn)
+                self._unshare(conn, key)
                 await self._finish(conn, key)
                 raise
             finally:
@@ -289,7 +297,14 @@ class PartitionPool:
         del self._active[conn]
         self._unshare(conn, origin)
         closing: list[AsyncConnectionInterface] = []
-        if not self.closed and conn.is_idle() and conn.is_available() and not conn.has_expired():
+        reusable = conn not in self._retiring
+        if (
+            reusable
+            and not self.closed
+            and conn.is_idle()
+            and conn.is_available()
+            and not conn.has_expired()
+        ):
             self._idle.setdefault(origin, []).append(conn)
             self._idle_lru[conn] = origin
             closing.extend(self._ledger.park(conn, self))

@@ -635,6 +635,10 @@ class Upstream:
         self._servers: list[asyncio.Server] = []
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        # Connections counted as open, and the response each is working on:
+        # see _reap_closed_peers.
+        self._live: dict[_Conn, tuple[str, int]] = {}
+        self._responding: dict[_Conn, _Response] = {}
         self._stopped = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -1018,7 +1022,9 @@ class Upstream:
                 # counts as accepted but never as open.
                 self._stats.conn_accepted_dead(key)
                 return
+            self._reap_closed_peers()
             self._stats.conn_opened(key)
+            self._live[conn] = key
             counted = True
             await self._serve_connection(conn, key)
         except (_PeerClosed, ConnectionError, asyncio.CancelledError):
@@ -1029,8 +1035,41 @@ class Upstream:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
             self._writers.discard(writer)
-            if counted:
+            if counted and self._live.pop(conn, None) is not None:
                 self._stats.conn_closed(key)
+
+    def _reap_closed_peers(self) -> None:
+        """Count as closed, now, every connection whose client has closed it.
+
+        A client that closes a socket and at once opens another (or sends a
+        request on another) can be seen by this server in either order: the
+        new arrival may be handled before the close. On loopback the close is
+        already in the kernel by then, so poll every counted socket for a
+        hang-up first, and settle the counters of those that hung up: the
+        peaks then never count a socket or request the client had let go.
+        """
+        if not self._live:
+            return
+        poller = select.poll()
+        by_fd: dict[int, _Conn] = {}
+        gone: list[_Conn] = []
+        for conn in self._live:
+            sock = conn.writer.get_extra_info("socket")
+            fd = -1 if sock is None else sock.fileno()
+            if fd < 0 or conn.reader.at_eof() or conn.writer.transport.is_closing():
+                # asyncio already saw the EOF (and may have closed the socket)
+                # but the connection's task has not run since.
+                gone.append(conn)
+                continue
+            by_fd[fd] = conn
+            poller.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        gone.extend(by_fd[fd] for fd, _ in poller.poll(0))
+        for conn in gone:
+            key = self._live.pop(conn)
+            self._stats.conn_closed(key)
+            response = self._responding.get(conn)
+            if response is not None:
+                response.abandon()
 
     async def _serve_connection(self, conn: _Conn, key: tuple[str, int]) -> None:
         while True:
@@ -1040,6 +1079,11 @@ class Upstream:
                 await self._send_simple(conn, 400, str(exc).encode(), close=True)
                 return
             if req is None:
+                return
+            self._reap_closed_peers()
+            if conn not in self._live:
+                # The client hung up after sending this request (it was
+                # cancelled): nobody is waiting for the answer.
                 return
             self._stats.request_started(key)
             with self._lock:
@@ -1055,6 +1099,7 @@ class Upstream:
                     )
                 )
             resp = _Response(conn, req, self._stats, key)
+            self._responding[conn] = resp
             try:
                 try:
                     await conn.read_body(req)
@@ -1064,6 +1109,7 @@ class Upstream:
                     keep_alive = False
             finally:
                 resp.abandon()
+                self._responding.pop(conn, None)
             if not keep_alive or not req.wants_keep_alive:
                 return
 
