@@ -166,6 +166,8 @@ class Scheduler:
         """Create the lane of a partition. The caller keeps it and passes it back."""
         if cap < 1:
             raise ValueError(f"cap must be >= 1; got {cap}")
+        if max_pending is not None and max_pending < 0:
+            raise ValueError(f"max_pending must be >= 0 or None; got {max_pending}")
         return Lane(key, self.group(group), cap, max_pending)
 
     def groups(self) -> Iterator[Group]:
@@ -253,7 +255,7 @@ class Scheduler:
     def drain(self, lanes: Iterable[Lane]) -> list[Ticket]:
         """Cancel every waiter of ``lanes`` (the router is closing); return their tickets."""
         drained: list[Ticket] = []
-        for lane in lanes:
+        for lane in dict.fromkeys(lanes):  # each lane once, in order
             drained.extend(lane.queue)
         for ticket in drained:
             self.cancel(ticket)
