@@ -18,6 +18,7 @@ import anyio
 import sniffio
 
 from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
+from ._ledger import SocketLedger
 from ._quota import Partitioner, QuotaEntry, QuotaTable
 from ._scheduler import Lane, Scheduler, Status, Ticket
 from ._stats import WaitHistogram
@@ -131,18 +132,23 @@ class Admission:
         partitioner: Partitioner,
         budget: int,
         *,
+        max_keepalive: int,
         partition_idle_timeout: float,
     ) -> None:
         self.table = table
         self.partitioner = partitioner
         self.budget = budget
+        self.max_keepalive = max_keepalive
         self.idle_timeout = partition_idle_timeout
-        self.scheduler = Scheduler(
-            budget, {entry.group: entry.quota.reserved for entry in table.entries()}
-        )
-        # Partitions in order of the time they last went quiet (oldest first),
-        # so the idle sweep only ever looks at the head: O(1) per request.
-        self._partitions: OrderedDict[str, Partition] = OrderedDict()
+        self.scheduler = self._new_scheduler()
+        # The socket ledger of the pools of the current event loop (a new
+        # loop gets a new one: sockets of the old loop are not ours to count).
+        self.ledger = SocketLedger(budget, max_keepalive)
+        self._partitions: dict[str, Partition] = {}
+        # Partitions with nothing in flight or waiting, in the order they
+        # went quiet (oldest first): the idle sweep looks only at the head,
+        # O(1) per request, and a busy partition never blocks it.
+        self._quiet: OrderedDict[str, Partition] = OrderedDict()
         self._drop_hooks: list[DropHook] = []
         self._rebind_hooks: list[Callable[[], None]] = []
         self._loop: object | None = None
@@ -183,18 +189,24 @@ class Admission:
             partition = self._partitions[key] = Partition(
                 key, entry, lane, self.budget, self.totals.created
             )
+            # Born quiet: if admission never happens (the router is closed),
+            # the sweep still drops it.
+            partition.quiet_since = anyio.current_time()
+            self._quiet[key] = partition
             logger.debug("partition %s created (quota %s)", key, entry.group)
         return partition
 
     def _sweep(self) -> None:
         """Drop partitions that have been quiet for ``partition_idle_timeout`` (G9)."""
-        if not self._partitions:
+        quiet = self._quiet
+        if not quiet:
             return
         now = anyio.current_time()
-        while self._partitions:
-            partition = next(iter(self._partitions.values()))
+        while quiet:
+            partition = next(iter(quiet.values()))
             since = partition.quiet_since
-            if since is None or now - since < self.idle_timeout:
+            assert since is not None
+            if now - since < self.idle_timeout:
                 return
             self._drop(partition)
 
@@ -203,6 +215,7 @@ class Admission:
         # admitted to a partition that is being dropped (urllib3#1252).
         assert partition.lane.idle
         del self._partitions[partition.key]
+        self._quiet.pop(partition.key, None)
         for hook in self._drop_hooks:
             hook(partition.key)
         self._retire(partition)
@@ -234,12 +247,26 @@ class Admission:
             for partition in self._partitions.values():
                 self._retire(partition)
             self._partitions.clear()
-            self.scheduler = Scheduler(
-                self.budget, {e.group: e.quota.reserved for e in self.table.entries()}
-            )
+            self._quiet.clear()
+            # Tickets and pools of the old loop keep the old scheduler and
+            # ledger; release() ignores such tickets (see _current).
+            self.scheduler = self._new_scheduler()
+            self.ledger = SocketLedger(self.budget, self.max_keepalive)
             for hook in self._rebind_hooks:
                 hook()
         self._loop = loop
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(
+            self.budget, {entry.group: entry.quota.reserved for entry in self.table.entries()}
+        )
+
+    def _current(self, ticket: Ticket) -> Partition | None:
+        """Return the live partition of a ticket, or None for a ticket of a former loop."""
+        partition = self._partitions.get(ticket.lane.key)
+        if partition is None or partition.lane is not ticket.lane:
+            return None
+        return partition
 
     def _busy(self) -> bool:
         return bool(self.scheduler.in_flight or self.scheduler.waiting)
@@ -258,7 +285,9 @@ class Admission:
         lane = partition.lane
         ticket = self.scheduler.admit(lane)
         partition.requests += 1
-        partition.quiet_since = None
+        if partition.quiet_since is not None:
+            partition.quiet_since = None
+            del self._quiet[partition.key]
         if ticket.status is Status.GRANTED:
             self._on_granted(ticket)
             partition.wait.record(0.0)
@@ -320,30 +349,31 @@ class Admission:
 
     def forfeit(self, ticket: Ticket) -> None:
         """Give up a ticket, whatever its state: waiting, granted, or gone."""
+        partition = self._current(ticket)
+        if partition is None:
+            return  # a ticket of a former event loop: its scheduler is gone
         was_granted = ticket.status is Status.GRANTED
         woken = self.scheduler.cancel(ticket)
-        partition = self._partitions.get(ticket.lane.key)
-        if was_granted and partition is not None:
+        if was_granted:
             partition.limiter.release_on_behalf_of(ticket)
         if woken is not None:
             self._wake(woken)
-        if partition is not None:
-            self._settle(partition)
+        self._settle(partition)
 
     def release(self, ticket: Ticket, *, failed: bool = False) -> None:
         """Return a granted ticket's slot and wake the next waiter, if any."""
-        partition = self._partitions.get(ticket.lane.key)
+        partition = self._current(ticket)
+        if partition is None:
+            return  # a ticket of a former event loop: its scheduler is gone
         woken = self.scheduler.release(ticket)
-        if partition is not None:
-            partition.limiter.release_on_behalf_of(ticket)
-            if failed:
-                partition.requests_failed += 1
-            else:
-                partition.requests_completed += 1
+        partition.limiter.release_on_behalf_of(ticket)
+        if failed:
+            partition.requests_failed += 1
+        else:
+            partition.requests_completed += 1
         if woken is not None:
             self._wake(woken)
-        if partition is not None:
-            self._settle(partition)
+        self._settle(partition)
 
     def _wake(self, ticket: Ticket) -> None:
         self._on_granted(ticket)
@@ -371,10 +401,10 @@ class Admission:
         if (
             partition.lane.idle
             and partition.quiet_since is None
-            and partition.key in self._partitions
+            and self._partitions.get(partition.key) is partition
         ):
             partition.quiet_since = anyio.current_time()
-            self._partitions.move_to_end(partition.key)
+            self._quiet[partition.key] = partition
 
     # -- closing -------------------------------------------------------------
 

@@ -39,8 +39,9 @@ import httpcore
 from httpcore import AsyncConnectionInterface, Origin
 
 from ._errors import RouterClosed
+from ._ledger import SocketLedger
 
-__all__ = ["PartitionPool", "SocketLedger"]
+__all__ = ["PartitionPool", "close_connections"]
 
 logger = logging.getLogger("hostpool")
 
@@ -50,79 +51,14 @@ _SCHEMES = ("http", "https", "ws", "wss")
 _OriginKey = tuple[bytes, bytes, int]
 
 
-class SocketLedger:
-    """Socket accounting across every partition pool of one router (G2)."""
-
-    def __init__(self, max_connections: int, max_keepalive: int) -> None:
-        self.max_connections = max_connections
-        self.max_keepalive = max_keepalive
-        self.open = 0
-        self.opened = 0
-        self.evictions = 0
-        # Idle connections of every partition, least recently used first.
-        self.idle: OrderedDict[AsyncConnectionInterface, PartitionPool] = OrderedDict()
-
-    def reserve(self) -> list[AsyncConnectionInterface]:
-        """Count a socket about to be opened; return idle ones to close to make room."""
-        evicted: list[AsyncConnectionInterface] = []
-        while self.open >= self.max_connections and self.idle:
-            conn, pool = self.idle.popitem(last=False)
-            pool.evicted(conn)
-            self.open -= 1
-            evicted.append(conn)
-            logger.debug(
-                "%s: idle socket closed to stay within max_connections=%d",
-                pool.key,
-                self.max_connections,
-            )
-        self.open += 1
-        self.opened += 1
-        return evicted
-
-    def park(
-        self, conn: AsyncConnectionInterface, pool: PartitionPool
-    ) -> list[AsyncConnectionInterface]:
-        """Record ``conn`` as idle; return connections to close to respect the keepalive budget."""
-        self.idle[conn] = pool
-        closing: list[AsyncConnectionInterface] = []
-        while len(self.idle) > self.max_keepalive:
-            old, owner = self.idle.popitem(last=False)
-            owner.evicted(old)
-            self.open -= 1
-            closing.append(old)
-            logger.debug(
-                "%s: idle socket closed to stay within max_keepalive_connections=%d",
-                owner.key,
-                self.max_keepalive,
-            )
-        # Idle connections expire in the order they went idle, so checking the
-        # oldest one is enough to clear them out over time, in O(1) per park.
-        if self.idle:
-            old, owner = next(iter(self.idle.items()))
-            if old is not conn and old.has_expired():
-                del self.idle[old]
-                owner.evicted(old)
-                self.open -= 1
-                closing.append(old)
-        return closing
-
-    def unpark(self, conn: AsyncConnectionInterface) -> None:
-        """Record that an idle connection was taken back into use."""
-        del self.idle[conn]
-
-    def reset(self) -> None:
-        """Forget every socket (they belonged to an event loop that is gone)."""
-        self.open = 0
-        self.idle.clear()
-
-    def closed(self, count: int = 1) -> None:
-        """Record that ``count`` counted sockets were closed."""
-        self.open -= count
+#: Longest time closing connections may take (a TLS close_notify to a peer that
+#: stopped reading could otherwise block a shielded close for ever).
+_CLOSE_TIMEOUT = 5.0
 
 
 async def close_connections(conns: Iterable[AsyncConnectionInterface]) -> None:
     """Close connections, shielded: a cancelled caller must not leak sockets."""
-    with anyio.CancelScope(shield=True):
+    with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _CLOSE_TIMEOUT):
         for conn in conns:
             try:
                 await conn.aclose()
@@ -195,7 +131,7 @@ class PartitionPool:
                 f"Request URL has an unsupported protocol '{scheme}://'."
             )
         if self.closed:
-            raise RuntimeError("the partition pool is closed")
+            raise RouterClosed("the HostRouter has been closed")
         origin = request.url.origin
         key: _OriginKey = (origin.scheme, origin.host, origin.port)
         while True:
@@ -242,6 +178,8 @@ class PartitionPool:
         )
 
     def _share(self, conn: AsyncConnectionInterface, key: _OriginKey) -> None:
+        if conn in self._retiring:
+            return  # a failed exchange left it suspect: no new streams on it
         shared = self._shared.setdefault(key, [])
         if conn not in shared:
             shared.append(conn)
@@ -262,6 +200,11 @@ class PartitionPool:
             for conn in shared:
                 if conn.is_available():
                     return conn, False
+        ledger = self._ledger
+        if ledger.retired:
+            retired = ledger.take_retired()
+            await close_connections(retired)
+            ledger.closed(len(retired))
         idle = self._idle.get(key)
         discard: list[AsyncConnectionInterface] = []
         try:
@@ -278,7 +221,11 @@ class PartitionPool:
             for conn in self._ledger.reserve():
                 discard.append(conn)
             self.opened += 1
-            conn = self._factory.create_connection(origin)
+            try:
+                conn = self._factory.create_connection(origin)
+            except BaseException:
+                self._ledger.closed()
+                raise
             # True when HTTP/2 is possible (https, http2=True): let concurrent
             # requests wait on this connection rather than open their own.
             return conn, conn.is_available()
@@ -332,12 +279,19 @@ class PartitionPool:
 
     # -- closing -------------------------------------------------------------
 
-    def take_idle(self) -> list[AsyncConnectionInterface]:
-        """Forget every idle connection and return them for closing (partition dropped)."""
+    def retire(self) -> None:
+        """Hand every idle connection to the ledger for closing (the partition is dropped).
+
+        They stay counted until a later request (of any partition) or
+        ``aclose()`` closes them: see :meth:`SocketLedger.retire`.
+        """
+        self._ledger.retire(self._take_idle())
+
+    def _take_idle(self) -> list[AsyncConnectionInterface]:
+        """Forget every idle connection (still counted in the ledger) and return them."""
         conns = list(self._idle_lru)
         for conn in conns:
             self._ledger.unpark(conn)
-        self._ledger.closed(len(conns))
         self._idle.clear()
         self._idle_lru.clear()
         return conns
@@ -347,9 +301,10 @@ class PartitionPool:
         self.closed = True
         for scope in self._sending:
             scope.cancel()
-        conns = self.take_idle()
-        active = list(self._active)
-        await close_connections([*conns, *active])
+        idle = self._take_idle()
+        await close_connections([*idle, *self._active])
+        # Active connections are uncounted when their streams finish.
+        self._ledger.closed(len(idle))
 
     async def __aenter__(self) -> PartitionPool:
         return self

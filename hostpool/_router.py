@@ -5,13 +5,13 @@ from __future__ import annotations
 import ssl
 import warnings
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 import httpx
 
 from ._admission import Admission
 from ._diagnose import Finding, diagnose
-from ._pool import SocketLedger
 from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
 from ._stats import PartitionStats, RouterStats, WaitHistogram
 from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
@@ -99,9 +99,12 @@ class HostRouter(httpx.AsyncClient):
             _check_domain_keys(table, partitioner)
         self._hp_table = table
         self._hp_partitioner = partitioner
-        self._hp_ledger = SocketLedger(budget, max_keepalive)
         self._hp_admission = Admission(
-            table, partitioner, budget, partition_idle_timeout=float(partition_idle_timeout)
+            table,
+            partitioner,
+            budget,
+            max_keepalive=max_keepalive,
+            partition_idle_timeout=float(partition_idle_timeout),
         )
         self._hp_limits = limits
         super().__init__(limits=limits, transport=transport, mounts=None, **kwargs)
@@ -120,7 +123,7 @@ class HostRouter(httpx.AsyncClient):
         if type(transport) is httpx.AsyncHTTPTransport:
             # A plain httpx transport (retries=, local_address=, uds=, ...):
             # keep its settings, partition its pool.
-            return PartitionedTransport(self._hp_admission, transport, self._hp_ledger)
+            return PartitionedTransport(self._hp_admission, transport)
         return AdmittedTransport(self._hp_admission, transport)
 
     def _init_transport(
@@ -218,7 +221,7 @@ class HostRouter(httpx.AsyncClient):
                 wait=partition.wait.summary(),
             )
         totals = admission.totals
-        ledger = self._hp_ledger
+        ledger = admission.ledger
         live = partitions.values()
         return RouterStats(
             budget=scheduler.budget,
@@ -265,6 +268,16 @@ class HostRouter(httpx.AsyncClient):
             min_requests=min_requests,
             reserved_keys=reserved,
         )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        self._hp_admission.close()
+        await super().__aexit__(exc_type, exc_value, traceback)
+        self._hp_admission.forget_all()
 
     async def aclose(self) -> None:
         """Close the router: fail waiting requests, close every socket.

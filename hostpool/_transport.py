@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpcore
 import httpx
 
 from ._admission import Admission, Partition
-from ._pool import PartitionPool, SocketLedger, close_connections
+from ._errors import RouterClosed
+from ._pool import PartitionPool, close_connections
 from ._scheduler import Ticket
 
 __all__ = ["AdmissionTransport", "AdmittedTransport", "PartitionedTransport"]
@@ -30,6 +30,14 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         # Response bodies not closed yet: aclose() closes them, so closing the
         # router gives back every slot even if a caller abandoned a stream.
         self._open: set[_ReleasingStream] = set()
+        admission.add_hooks(self._on_drop, self._on_rebind)
+
+    def _on_drop(self, key: str) -> None:
+        """A partition was dropped after its idle timeout."""
+
+    def _on_rebind(self) -> None:
+        """The router moved to another event loop: forget what belonged to the old one."""
+        self._open.clear()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         admission = self._admission
@@ -43,6 +51,10 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         if timeout is None:
             timeout = request.extensions.get("timeout", {}).get("pool")
         ticket = await admission.acquire(partition, timeout)
+        if admission.closed:
+            # Granted by a release in the same instant the router closed.
+            admission.release(ticket, failed=True)
+            raise RouterClosed(f"{partition.key}: the HostRouter was closed while waiting")
         try:
             response = await self._send(partition, request)
         except BaseException:
@@ -53,7 +65,9 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
             # bytes by a MockTransport): no body will ever be closed later.
             admission.release(ticket)
             return response
-        assert isinstance(response.stream, httpx.AsyncByteStream)
+        if not isinstance(response.stream, httpx.AsyncByteStream):
+            admission.release(ticket, failed=True)
+            raise TypeError("a HostRouter transport must return an async response stream")
         response.stream = _ReleasingStream(response.stream, admission, ticket, self._open)
         return response
 
@@ -105,18 +119,11 @@ class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
 class PartitionedTransport(AdmissionTransport):
     """Admission plus one connection pool per partition, under one socket ledger."""
 
-    def __init__(
-        self,
-        admission: Admission,
-        factory: httpx.AsyncHTTPTransport,
-        ledger: SocketLedger,
-    ) -> None:
+    def __init__(self, admission: Admission, factory: httpx.AsyncHTTPTransport) -> None:
         super().__init__(admission)
         self._factory = factory
-        self._ledger = ledger
         self._pools: dict[str, _PartitionHTTPTransport] = {}
-        self._closing: list[httpcore.AsyncConnectionInterface] = []
-        admission.add_hooks(self._on_drop, self._on_rebind)
+        self._closed = False
 
     def _pool(self, partition: Partition) -> PartitionPool:
         transport = self._pools.get(partition.key)
@@ -124,16 +131,15 @@ class PartitionedTransport(AdmissionTransport):
             pool = PartitionPool(
                 partition.key,
                 self._factory._pool,
-                self._ledger,
+                self._admission.ledger,
                 partition.entry.quota.keepalive,
             )
             transport = self._pools[partition.key] = _PartitionHTTPTransport(pool)
         return transport._pool  # type: ignore[return-value]
 
     async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
-        if self._closing:
-            closing, self._closing = self._closing, []
-            await close_connections(closing)
+        if self._closed:
+            raise RouterClosed("the HostRouter has been closed")
         transport = self._pools.get(partition.key)
         if transport is None:
             self._pool(partition)
@@ -144,14 +150,14 @@ class PartitionedTransport(AdmissionTransport):
         transport = self._pools.pop(key, None)
         if transport is not None:
             pool: PartitionPool = transport._pool  # type: ignore[assignment]
-            self._closing.extend(pool.take_idle())
+            pool.retire()
 
     def _on_rebind(self) -> None:
         # The connections belong to an event loop we no longer run in: they
-        # can be neither used nor closed from here. Forget them.
+        # can be neither used nor closed from here. Forget them (their pools
+        # keep the old ledger, so the new one starts at zero).
+        super()._on_rebind()
         self._pools.clear()
-        self._closing.clear()
-        self._ledger.reset()
 
     def sockets(self, key: str) -> tuple[int, int, int, int]:
         transport = self._pools.get(key)
@@ -161,9 +167,12 @@ class PartitionedTransport(AdmissionTransport):
         return (pool.sockets_open, pool.sockets_idle, pool.opened, pool.evictions)
 
     async def aclose(self) -> None:
+        self._closed = True
         await super().aclose()
-        closing, self._closing = self._closing, []
-        await close_connections(closing)
+        ledger = self._admission.ledger
+        retired = ledger.take_retired()
+        await close_connections(retired)
+        ledger.closed(len(retired))
         pools = list(self._pools.values())
         for transport in pools:
             await transport.aclose()

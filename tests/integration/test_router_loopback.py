@@ -619,3 +619,83 @@ async def test_aclose_fails_a_request_that_is_still_connecting(stalled_connect_u
     assert len(results) == 1
     assert isinstance(results[0], hostpool.RouterClosed)
     assert router.stats().in_flight == 0
+
+
+# -- regressions found in review ------------------------------------------------
+
+
+async def _until_dropped(router: HostRouter, upstream: Upstream, key: str, via: str) -> None:
+    """Send requests to ``via`` until partition ``key`` is dropped (bounded)."""
+    with anyio.fail_after(5):
+        while key in router.stats().partitions:
+            await anyio.sleep(0.02)
+            await router.get(upstream.url(via, "/ok"))
+
+
+async def test_sockets_of_a_dropped_partition_count_until_closed(upstream: Upstream) -> None:
+    # A dropped partition's idle sockets were uncounted at once but closed only
+    # by a later request on the *same* transport: with a mount in play, the
+    # router could hold more than max_connections sockets.
+    router = HostRouter(
+        limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+        default_quota=Quota(max_connections=2),
+        partition_idle_timeout=0.05,
+        mounts={f"http://{H3}": httpx.AsyncHTTPTransport()},
+    )
+    async with router:
+        async with flood(router, [upstream.url(H1, "/hold?key=warm")] * 2):
+            await upstream.wait_until(lambda: upstream.stats(H1).in_flight == 2)
+            upstream.release("warm")
+        await _until_dropped(router, upstream, H1, via=H3)
+        async with flood(router, [upstream.url(H3, "/hold?key=b")] * 2):
+            await upstream.wait_until(lambda: upstream.stats(H3).in_flight == 2)
+            assert upstream.total().open_sockets == 2
+            upstream.release("b")
+        assert upstream.total().peak_open_sockets <= 2
+        assert router.stats().sockets_open <= 2
+
+
+async def test_a_busy_partition_does_not_keep_idle_ones_alive(upstream: Upstream) -> None:
+    router = HostRouter(partition_idle_timeout=0.05)
+    async with router, flood(router, [upstream.url(H1, "/hold?key=long")]):
+        await upstream.wait_until(lambda: upstream.stats(H1).in_flight == 1)
+        await router.get(upstream.url(H2, "/ok"))
+        await _until_dropped(router, upstream, H2, via=H3)
+        assert H1 in router.stats().partitions  # busy: never dropped
+        upstream.release("long")
+
+
+async def test_waiter_granted_as_the_router_closes_fails_with_router_closed(
+    upstream: Upstream,
+) -> None:
+    router = HostRouter(limits=httpx.Limits(max_connections=1))
+    holder = await router.send(router.build_request("GET", upstream.url(H1, "/ok")), stream=True)
+    results: list[Any] = []
+    async with flood(router, [upstream.url(H2, "/ok")], collect=results):
+        await upstream.wait_until(lambda: waiting(router, H2) == 1)
+        await holder.aclose()  # grants the waiter; it has not run yet
+        await router.aclose()
+    assert len(results) == 1
+    assert isinstance(results[0], hostpool.RouterClosed)
+    assert router.stats().sockets_open == 0
+    await upstream.wait_until(lambda: upstream.total().open_sockets == 0)
+
+
+def test_router_reused_after_its_loop_died_with_a_stream_open(upstream: Upstream) -> None:
+    import asyncio
+
+    router = HostRouter(quotas={H1: 1})
+
+    async def abandon() -> None:
+        await router.send(router.build_request("GET", upstream.url(H1, "/ok")), stream=True)
+
+    async def reuse() -> tuple[int, int]:
+        assert (await router.get(upstream.url(H1, "/ok"))).text == "ok"
+        stats = router.stats()
+        await router.aclose()
+        return stats.in_flight, router.stats().sockets_open
+
+    asyncio.run(abandon())
+    assert asyncio.run(reuse()) == (0, 0)
+    assert router.stats().in_flight == 0
+    assert router.stats().shared_in_use == 0

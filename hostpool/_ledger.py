@@ -1,0 +1,113 @@
+"""The socket ledger: socket accounting across every partition pool of a router.
+
+Pure bookkeeping (no I/O, no awaits): the pools report sockets opened,
+parked idle, taken back and closed; the ledger says which idle sockets must
+be closed to keep G2, the socket ceiling::
+
+    open sockets (active + idle + connecting + queued for closing) <= max_connections
+    idle sockets <= max_keepalive overall
+
+A socket is counted from the moment a pool decides to open it until a pool
+has closed it (or is about to close it, in the same task, before it opens the
+socket it made room for).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Protocol
+
+from httpcore import AsyncConnectionInterface
+
+__all__ = ["SocketLedger"]
+
+logger = logging.getLogger("hostpool")
+
+
+class _Owner(Protocol):
+    """The pool an idle connection belongs to."""
+
+    key: str
+
+    def evicted(self, conn: AsyncConnectionInterface) -> None:
+        """Forget an idle connection the ledger is closing."""
+
+
+class SocketLedger:
+    """Socket accounting across every partition pool of one router (G2)."""
+
+    def __init__(self, max_connections: int, max_keepalive: int) -> None:
+        self.max_connections = max_connections
+        self.max_keepalive = max_keepalive
+        self.open = 0
+        self.opened = 0
+        self.evictions = 0
+        # Idle connections of every partition, least recently used first.
+        self.idle: OrderedDict[AsyncConnectionInterface, _Owner] = OrderedDict()
+        # Idle connections of dropped partitions, still counted, to be closed.
+        self.retired: list[AsyncConnectionInterface] = []
+
+    def reserve(self) -> list[AsyncConnectionInterface]:
+        """Count a socket about to be opened; return idle ones to close to make room."""
+        evicted: list[AsyncConnectionInterface] = []
+        while self.open >= self.max_connections and self.idle:
+            conn, pool = self.idle.popitem(last=False)
+            pool.evicted(conn)
+            self.open -= 1
+            evicted.append(conn)
+            logger.debug(
+                "%s: idle socket closed to stay within max_connections=%d",
+                pool.key,
+                self.max_connections,
+            )
+        self.open += 1
+        self.opened += 1
+        return evicted
+
+    def park(self, conn: AsyncConnectionInterface, pool: _Owner) -> list[AsyncConnectionInterface]:
+        """Record ``conn`` as idle; return connections to close to respect the keepalive budget."""
+        self.idle[conn] = pool
+        closing: list[AsyncConnectionInterface] = []
+        while len(self.idle) > self.max_keepalive:
+            old, owner = self.idle.popitem(last=False)
+            owner.evicted(old)
+            self.open -= 1
+            closing.append(old)
+            logger.debug(
+                "%s: idle socket closed to stay within max_keepalive_connections=%d",
+                owner.key,
+                self.max_keepalive,
+            )
+        # Idle connections expire in the order they went idle, so checking the
+        # oldest one is enough to clear them out over time, in O(1) per park.
+        if self.idle:
+            old, owner = next(iter(self.idle.items()))
+            if old is not conn and old.has_expired():
+                del self.idle[old]
+                owner.evicted(old)
+                self.open -= 1
+                closing.append(old)
+        return closing
+
+    def unpark(self, conn: AsyncConnectionInterface) -> None:
+        """Record that an idle connection was taken back into use."""
+        del self.idle[conn]
+
+    def retire(self, conns: list[AsyncConnectionInterface]) -> None:
+        """Queue idle connections of a dropped partition for closing.
+
+        They stay counted in :attr:`open` until :meth:`take_retired` hands
+        them to a task that closes them, and that task reports :meth:`closed`:
+        a socket is never uncounted while it may still be open.
+        """
+        self.retired.extend(conns)
+
+    def take_retired(self) -> list[AsyncConnectionInterface]:
+        """Return the queued connections for the caller to close (then call :meth:`closed`)."""
+        retired, self.retired = self.retired, []
+        return retired
+
+    def closed(self, count: int = 1) -> None:
+        """Record that ``count`` counted sockets were closed."""
+        self.open -= count
