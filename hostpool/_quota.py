@@ -104,7 +104,10 @@ class Quota:
 def normalize_host(host: str) -> str:
     """Return the canonical form of a hostname: lower-case, IDNA, no trailing dot.
 
-    IPv6 literals lose their brackets and are compressed (``[0:0::1]`` → ``::1``).
+    Non-ASCII names are encoded exactly as httpx encodes a URL's host (IDNA
+    2008 via the ``idna`` package), so a quota key and the requests it means
+    always agree (``faß.de`` is ``xn--fa-hia.de``, not ``fass.de``). IPv6
+    literals lose their brackets and are compressed (``[0:0::1]`` → ``::1``).
     Raise ``ValueError`` for an empty or malformed name.
     """
     name = host.strip()
@@ -120,8 +123,8 @@ def normalize_host(host: str) -> str:
     if not name:
         raise ValueError("empty hostname")
     try:
-        ascii_name = name.encode("idna").decode("ascii").lower()
-    except UnicodeError as exc:
+        ascii_name = httpx.URL(f"http://{name}/").raw_host.decode("ascii").lower()
+    except (httpx.InvalidURL, UnicodeError) as exc:
         raise ValueError(f"{host!r} is not a valid hostname ({exc})") from None
     if len(ascii_name) > _MAX_HOST_LENGTH:
         raise ValueError(f"hostname longer than {_MAX_HOST_LENGTH} characters")
@@ -315,7 +318,7 @@ class Partitioner:
     def _compute(self, url: httpx.URL) -> tuple[str, str]:
         if not url.host:
             raise ValueError(f"URL {str(url)!r} has no host")
-        host = normalize_host(url.host)
+        host = _host_of(url)
         if self.mode == "host":
             return host, host
         if self.mode == "origin":
@@ -324,6 +327,18 @@ class Partitioner:
             return f"{url.scheme}://{shown}:{port}", host
         domain = self.domain_of(host)
         return domain, domain
+
+
+def _host_of(url: httpx.URL) -> str:
+    """Return the canonical host of a URL, from the bytes httpx already IDNA-encoded."""
+    host = url.raw_host.decode("ascii").lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if not host:
+        raise ValueError(f"URL {str(url)!r} has no host")
+    if ":" in host:
+        return ipaddress.IPv6Address(host).compressed
+    return host
 
 
 def _default_port(scheme: str) -> int | None:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import ssl
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 import httpx
+from httpx._client import EventHook
+from httpx._types import (
+    AuthTypes,
+    CertTypes,
+    CookieTypes,
+    HeaderTypes,
+    ProxyTypes,
+    QueryParamTypes,
+    TimeoutTypes,
+)
 
 from ._admission import Admission
 from ._diagnose import Finding, diagnose
@@ -67,7 +77,24 @@ class HostRouter(httpx.AsyncClient):
         limits: httpx.Limits = DEFAULT_LIMITS,
         transport: httpx.AsyncBaseTransport | None = None,
         mounts: Mapping[str, httpx.AsyncBaseTransport | None] | None = None,
-        **kwargs: Any,
+        # Everything below is httpx.AsyncClient's, spelled out so that type
+        # checkers catch a misspelt argument as they would for AsyncClient.
+        auth: AuthTypes | None = None,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes | None = None,
+        cookies: CookieTypes | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: CertTypes | None = None,
+        http1: bool = True,
+        http2: bool = False,
+        proxy: ProxyTypes | None = None,
+        timeout: TimeoutTypes = httpx._config.DEFAULT_TIMEOUT_CONFIG,
+        follow_redirects: bool = False,
+        max_redirects: int = httpx._config.DEFAULT_MAX_REDIRECTS,
+        event_hooks: Mapping[str, list[EventHook]] | None = None,
+        base_url: httpx.URL | str = "",
+        trust_env: bool = True,
+        default_encoding: str | Callable[[bytes], str] = "utf-8",
     ) -> None:
         if not isinstance(limits, httpx.Limits):
             raise TypeError(f"limits must be an httpx.Limits, not {type(limits).__name__}")
@@ -107,7 +134,27 @@ class HostRouter(httpx.AsyncClient):
             partition_idle_timeout=float(partition_idle_timeout),
         )
         self._hp_limits = limits
-        super().__init__(limits=limits, transport=transport, mounts=None, **kwargs)
+        super().__init__(
+            limits=limits,
+            transport=transport,
+            mounts=None,
+            auth=auth,
+            params=params,
+            headers=headers,
+            cookies=cookies,
+            verify=verify,
+            cert=cert,
+            http1=http1,
+            http2=http2,
+            proxy=proxy,
+            timeout=timeout,
+            follow_redirects=follow_redirects,
+            max_redirects=max_redirects,
+            event_hooks=event_hooks,
+            base_url=base_url,
+            trust_env=trust_env,
+            default_encoding=default_encoding,
+        )
         if mounts is not None:
             for pattern, inner in mounts.items():
                 self._mounts[httpx._utils.URLPattern(pattern)] = (

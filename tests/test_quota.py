@@ -318,3 +318,22 @@ def _literal(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+@pytest.mark.parametrize(
+    ("key", "url", "partition"),
+    [
+        ("faß.de", "http://faß.de/", "xn--fa-hia.de"),
+        ("xn--fa-hia.de", "http://FAß.de./", "xn--fa-hia.de"),
+        ("fass.de", "http://fass.de/", "fass.de"),
+    ],
+)
+def test_idna_matches_httpx_so_keys_and_requests_agree(key: str, url: str, partition: str) -> None:
+    router = HostRouter(quotas={key: 3})
+    assert router.partition_key(url) == partition
+    assert router.quota_for(url) == Quota(max_connections=3)
+
+
+def test_distinct_idna_hosts_are_distinct_partitions() -> None:
+    router = HostRouter()
+    assert router.partition_key("http://faß.de/") != router.partition_key("http://fass.de/")
