@@ -1,0 +1,656 @@
+"""Turn ``<out>/*.json`` into ``RESULTS.md`` and PNG charts. Every number comes from the run."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._common import Settings, read_results
+
+__all__ = ["write_report"]
+
+_CLIENT_ORDER = ["bare", "aiohttp", "httpx", "hostpool"]
+_CLIENT_LABEL = {
+    "bare": "bare asyncio (ceiling)",
+    "aiohttp": "aiohttp",
+    "httpx": "httpx.AsyncClient",
+    "hostpool": "hostpool.HostRouter",
+}
+
+
+# -- formatting ----------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 0, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _ratio(value: Any) -> str:
+    return _num(value, 2, "x")
+
+
+def _pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.0%}"
+
+
+def _mib(value: Any) -> str:
+    return _num(None if value is None else value / 2**20, 1, " MiB")
+
+
+def _met(flag: Any) -> str:
+    if flag is None:
+        return "n/a"
+    return "**met**" if flag else "**not met**"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*out, ""]
+
+
+def _clients(names: Sequence[str]) -> list[str]:
+    return [n for n in _CLIENT_ORDER if n in names]
+
+
+# -- charts ----------------------------------------------------------------------------
+
+
+def _charts(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    made: dict[str, Path] = {}
+    painters: dict[str, Callable[[Any, dict[str, Any]], None]] = {
+        "throughput": _chart_throughput,
+        "isolation": _chart_isolation,
+        "many_hosts": _chart_many_hosts,
+        "scheduler": _chart_scheduler,
+        "footprint": _chart_footprint,
+    }
+    for name, paint in painters.items():
+        if name not in results:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+        try:
+            paint(ax, results[name])
+            fig.tight_layout()
+            path = out / f"{name}.png"
+            fig.savefig(path)
+            made[name] = path
+        finally:
+            plt.close(fig)
+    return made
+
+
+def _chart_throughput(ax: Any, data: dict[str, Any]) -> None:
+    levels = sorted(data["medians"], key=int)
+    xs = [int(c) for c in levels]
+    for name in _clients(next(iter(data["medians"].values()))):
+        ys = [data["medians"][c][name]["rps"] for c in levels]
+        ax.plot(xs, ys, marker="o", label=_CLIENT_LABEL[name])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrency (one host)")
+    ax.set_ylabel("requests/s (median)")
+    ax.set_title("Throughput vs concurrency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
+def _chart_isolation(ax: Any, data: dict[str, Any]) -> None:
+    names = _clients(data["medians"])
+    width = 0.2
+    bars = [("alone", "p50_ms"), ("alone", "p99_ms"), ("flood", "p50_ms"), ("flood", "p99_ms")]
+    for i, (mode, key) in enumerate(bars):
+        ys = [data["medians"][n][mode][key] for n in names]
+        xs = [j + (i - 1.5) * width for j in range(len(names))]
+        ax.bar(xs, ys, width, label=f"{key[:3]} {mode}")
+    ax.set_xticks(range(len(names)), [_CLIENT_LABEL[n] for n in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("fast host latency, ms (median of runs)")
+    ax.set_title("Isolation: fast host alone vs while a slow host is flooded")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend()
+
+
+def _chart_many_hosts(ax: Any, data: dict[str, Any]) -> None:
+    levels = sorted(data["medians"], key=int)
+    xs = [int(p) for p in levels]
+    for name in _clients(next(iter(data["medians"].values()))):
+        ys = [data["medians"][p][name]["cpu_us_per_request"] for p in levels]
+        ax.plot(xs, ys, marker="o", label=_CLIENT_LABEL[name])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("partitions (distinct origins)")
+    ax.set_ylabel("client CPU per request, µs (median)")
+    ax.set_title("Per-request cost vs number of hosts")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
+def _chart_scheduler(ax: Any, data: dict[str, Any]) -> None:
+    series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for cell in data["cells"]:
+        series.setdefault((cell["shape"], cell["waiters"]), []).append(
+            (cell["partitions"], cell["median_ns"] / 1000)
+        )
+    for (shape, waiters), points in series.items():
+        points.sort()
+        ax.plot(
+            [p for p, _ in points],
+            [v for _, v in points],
+            marker="o",
+            label=f"{shape}, {waiters:,} waiters",
+        )
+    ax.axhline(5.0, color="red", linestyle="--", linewidth=1, label="target 5 µs")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("partitions")
+    ax.set_ylabel("admit + release, µs (median)")
+    ax.set_title("Scheduler cost")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _chart_footprint(ax: Any, data: dict[str, Any]) -> None:
+    runs = data["runs"]
+    phases = ["start", "peak", "idle", "after"]
+    width = 0.8 / max(len(runs), 1)
+    for i, (name, run) in enumerate(runs.items()):
+        ys = [run["points"][p]["rss"] / 2**20 for p in phases]
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(phases))]
+        ax.bar(xs, ys, width, label=f"{name} ({run['partitions']:,} partitions)")
+    ax.set_xticks(range(len(phases)), phases)
+    ax.set_ylabel("RSS, MiB")
+    ax.set_title("Footprint: RSS before, during, and after the idle sweep")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+# -- markdown --------------------------------------------------------------------------
+
+
+def _image(lines: list[str], charts: dict[str, Path], name: str, report: Path) -> None:
+    if name in charts:
+        rel = os.path.relpath(charts[name], report.parent)
+        lines += [f"![{name}]({rel})", ""]
+
+
+def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    labels = {
+        ("isolation", "hostpool_flood_vs_alone"): "1 · hostpool p99 under flood / alone",
+        ("isolation", "httpx_vs_hostpool_under_flood"): "1 · httpx p99 / hostpool p99, flood",
+        ("throughput", "hostpool_vs_httpx_at_50"): "2 · hostpool / httpx req/s at c=50",
+        ("throughput", "hostpool_flat"): "2 · hostpool flat from c=1 to c=200",
+        ("throughput", "upstream_not_bottleneck"): "2 · upstream is not the bottleneck",
+        ("many_hosts", "hostpool_cost_flat"): "3 · hostpool cost flat, 1 → 1,000 partitions",
+        ("scheduler", "max_cost"): "4 · scheduler admit + release cost",
+        ("scheduler", "independent_of_counts"): "4 · independent of partitions and waiters",
+        ("footprint", "mock_rss_back_within_10pct"): "5 · RSS back after sweep (100k, mock)",
+        ("footprint", "real_rss_back_within_10pct"): "5 · RSS back after sweep (real sockets)",
+        ("footprint", "mock_heap_back_within_10pct"): "5 · Python heap back (100k, mock)",
+        ("footprint", "real_heap_back_within_10pct"): "5 · Python heap back (real sockets)",
+        ("footprint", "partitions_dropped"): "5 · idle partitions dropped",
+    }
+    for (scenario, key), label in labels.items():
+        target = results.get(scenario, {}).get("targets", {}).get(key)
+        if target is None:
+            continue
+        rows.append(
+            [label, str(target["target"]), _target_value(key, target["value"]), _met(target["met"])]
+        )
+    return _table(["target", "wanted", "measured", "status"], rows)
+
+
+def _target_value(key: str, value: Any) -> str:
+    if isinstance(value, dict):
+        if all(isinstance(v, bool) for v in value.values()):
+            return ", ".join(f"c={k}: {'yes' if v else 'no'}" for k, v in value.items())
+        return ", ".join(f"{k} {v:.2f}x" for k, v in value.items())
+    if key in ("hostpool_flat", "hostpool_cost_flat"):
+        return f"max/min = {1 + value:.2f}"
+    if key == "max_cost":
+        return f"worst median {value:.2f} µs"
+    if key == "partitions_dropped":
+        return f"{value} live after"
+    return _ratio(value)
+
+
+def _machine(results: dict[str, dict[str, Any]]) -> list[str]:
+    first = next(iter(results.values()))
+    m = first["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    lines = [
+        f"- machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, "
+        f"{m['platform']}",
+        f"- Python {m['python']} ({m['implementation']}); {versions}",
+    ]
+    git = m.get("git")
+    if git:
+        lines.append(f"- hostpool tree: {git}")
+    loads: dict[str, dict[str, Any]] = {
+        name: data["background"] for name, data in results.items() if data.get("background")
+    }
+    if loads:
+        parts = [f"{name} {_pct(b.get('other_cpu_util'))}" for name, b in loads.items()]
+        lines.append(
+            "- CPU used by *other* processes while each scenario ran (of one core): "
+            + ", ".join(parts)
+        )
+        if any((b.get("other_cpu_util") or 0) > 0.25 for b in loads.values()):
+            lines.append(
+                "- **the machine was not quiet**: other processes used a noticeable share "
+                "of the CPUs; interleaving spreads that noise over every client, but "
+                "absolute figures are lower than on a quiet machine"
+            )
+    dates = sorted({d["machine"]["date"] for d in results.values()})
+    lines.append(f"- run: {dates[0]} … {dates[-1]}" if len(dates) > 1 else f"- run: {dates[0]}")
+    if any(d.get("quick") for d in results.values()):
+        lines.append("- **quick smoke run: a few requests each, the figures mean nothing**")
+    return [*lines, ""]
+
+
+def _section_isolation(data: dict[str, Any], lines: list[str]) -> None:
+    s = data["settings"]
+    lines += [
+        "## 1. Isolation",
+        "",
+        f"A slow host ({data['slow_url']}, {s['flood_delay_ms']} ms per answer) gets "
+        f"{s['flood']} requests at once; the fast host ({data['fast_url']}) gets "
+        f"{s['fast_requests']} requests, one every {s['fast_interval_ms']} ms. Budget: "
+        f"{data['limits']['total']} sockets in all for every client; hostpool and aiohttp cap "
+        f"each host at {data['limits']['per_host']}. Fast-host latency, medians over "
+        f"{s['isolation_repeats']} interleaved runs:",
+        "",
+    ]
+    rows = []
+    for name in _clients(data["medians"]):
+        m = data["medians"][name]
+        rows.append(
+            [
+                _CLIENT_LABEL[name],
+                _num(m["alone"]["p50_ms"], 2),
+                _num(m["alone"]["p99_ms"], 2),
+                _num(m["flood"]["p50_ms"], 2),
+                _num(m["flood"]["p99_ms"], 2),
+                _ratio(m["flood"]["p99_ms"] / m["alone"]["p99_ms"]),
+                f"{_num(m['alone'].get('p99_pooled_ms'), 2)} / "
+                f"{_num(m['flood'].get('p99_pooled_ms'), 2)}",
+            ]
+        )
+    lines += _table(
+        [
+            "client",
+            "p50 alone, ms",
+            "p99 alone, ms",
+            "p50 flood, ms",
+            "p99 flood, ms",
+            "p99 flood / alone",
+            "p99 of all runs' samples, alone / flood, ms",
+        ],
+        rows,
+    )
+    lines += [", ".join(f"{k}: {_ratio(v)}" for k, v in data["ratios"].items()), ""]
+
+
+def _section_throughput(data: dict[str, Any], lines: list[str]) -> None:
+    s = data["settings"]
+    levels = sorted(data["medians"], key=int)
+    names = _clients(next(iter(data["medians"].values())))
+    lines += [
+        "## 2. Throughput vs concurrency",
+        "",
+        f"One host, {s['trial_seconds']} s per trial with a fresh client, "
+        f"{s['repeats']} interleaved repeats, medians. Limits for every client: "
+        f"{data['limits']['total']} sockets ({data['limits']['per_host']} per host). "
+        "The bare asyncio client has no limit (one connection per worker).",
+        "",
+        "requests/s:",
+        "",
+    ]
+    header = ["client", *[f"c={c}" for c in levels]]
+    rows = [
+        [_CLIENT_LABEL[n], *[_num(data["medians"][c][n]["rps"]) for c in levels]] for n in names
+    ]
+    ratio_names = list(next(iter(data["ratios"].values())))
+    rows += [[f"*{r}*", *[_ratio(data["ratios"][c][r]) for c in levels]] for r in ratio_names]
+    lines += _table(header, rows)
+    lines += ["client CPU per request, µs (the upstream runs in its own process):", ""]
+    rows = [
+        [_CLIENT_LABEL[n], *[_num(data["medians"][c][n]["cpu_us_per_request"], 1) for c in levels]]
+        for n in names
+    ]
+    lines += _table(header, rows)
+    lines += [
+        "upstream CPU use while serving each client (one core = 100%): the upstream is "
+        "not the bottleneck while it has CPU to spare and serves some client faster.",
+        "",
+    ]
+    rows = [
+        [_CLIENT_LABEL[n], *[_pct(data["medians"][c][n]["upstream_cpu_util"]) for c in levels]]
+        for n in names
+    ]
+    lines += _table(header, rows)
+
+
+def _section_many(data: dict[str, Any], lines: list[str]) -> None:
+    s = data["settings"]
+    levels = sorted(data["medians"], key=int)
+    names = _clients(next(iter(data["medians"].values())))
+    lines += [
+        "## 3. Many hosts",
+        "",
+        f"{s['many_concurrency']} workers going round P origins (one upstream process, one "
+        f'port per origin; hostpool with `partition_by="origin"`). Budget '
+        f"{data['limits']['total']} sockets, {data['limits']['per_host']} per host, for every "
+        f"client. {s['many_trial_seconds']} s per trial, {s['many_repeats']} interleaved "
+        "repeats, medians.",
+        "",
+        "client CPU per request, µs:",
+        "",
+    ]
+    header = ["client", *[f"P={p}" for p in levels]]
+    rows = [
+        [_CLIENT_LABEL[n], *[_num(data["medians"][p][n]["cpu_us_per_request"], 1) for p in levels]]
+        for n in names
+    ]
+    lines += _table(header, rows)
+    single = [
+        f"{_CLIENT_LABEL[n]} at P={p}"
+        for p in levels
+        for n in names
+        if len(data["samples"][p][n]) < s["many_repeats"]
+    ]
+    if single:
+        lines += [
+            "Ran once rather than every repeat (one trial, warm-up included, took over "
+            "30 s): " + ", ".join(single) + ".",
+            "",
+        ]
+    lines += ["requests/s:", ""]
+    rows = [
+        [_CLIENT_LABEL[n], *[_num(data["medians"][p][n]["rps"]) for p in levels]] for n in names
+    ]
+    ratio_names = list(next(iter(data["ratios"].values())))
+    rows += [[f"*{r}*", *[_ratio(data["ratios"][p][r]) for p in levels]] for r in ratio_names]
+    lines += _table(header, rows)
+    memory = data.get("memory", {})
+    if memory:
+        lines += [
+            "Memory held per idle origin (tracemalloc, after touching each origin once, "
+            "one idle keep-alive socket each):",
+            "",
+        ]
+        rows = [
+            [
+                _CLIENT_LABEL[n],
+                _num(memory[n]["origins"]),
+                _num(memory[n]["traced_bytes_per_origin"] / 1024, 1, " KiB"),
+                _num(memory[n]["rss_bytes_per_origin"] / 1024, 1, " KiB"),
+                _num(memory[n].get("idle_sockets")),
+            ]
+            for n in _clients(memory)
+        ]
+        lines += _table(
+            ["client", "origins", "Python heap per origin", "RSS per origin", "idle sockets kept"],
+            rows,
+        )
+
+
+def _section_scheduler(data: dict[str, Any], lines: list[str]) -> None:
+    s = data["settings"]
+    lines += [
+        "## 4. Scheduler",
+        "",
+        "`hostpool._scheduler.Scheduler` driven directly: one admit + one release per cycle, "
+        f"{s['sched_cycles']:,} cycles per batch, {s['sched_batches']} batches interleaved "
+        "across cells. *grant*: admitted at once, nobody woken; *budget*: budget used up, "
+        "waiters in the round-robin ring, each release hands its slot on; *cap*: every "
+        "partition at its cap, waiters in its own queue. ns per cycle, median (best batch); "
+        f"the bare loop costs {data['loop_overhead_ns']:.0f} ns.",
+        "",
+    ]
+    parts = sorted({c["partitions"] for c in data["cells"]})
+    rows = []
+    keys = sorted(
+        {(c["shape"], c["waiters"]) for c in data["cells"]},
+        key=lambda k: (["grant", "budget", "cap"].index(k[0]), k[1]),
+    )
+    for shape, waiters in keys:
+        row = [shape, f"{waiters:,}"]
+        for p in parts:
+            cell = next(
+                (
+                    c
+                    for c in data["cells"]
+                    if c["shape"] == shape and c["waiters"] == waiters and c["partitions"] == p
+                ),
+                None,
+            )
+            row.append(
+                "n/a" if cell is None else f"{cell['median_ns']:,.0f} ({cell['min_ns']:,.0f})"
+            )
+        rows.append(row)
+    lines += _table(["shape", "waiters", *[f"P={p:,}" for p in parts]], rows)
+
+
+def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
+    s = data["settings"]
+    lines += [
+        "## 5. Footprint",
+        "",
+        f"Each run in a fresh process. `mock`: {s['footprint_partitions']:,} distinct hostnames "
+        "through a HostRouter over `httpx.MockTransport` — **no sockets**: 100,000 real "
+        "sockets are not feasible here, so this covers partition creation, admission, the "
+        "idle sweep and the key/quota caches, not the connection pools. `real`: "
+        f'{s["footprint_real"]:,} origins on real loopback sockets (`partition_by="origin"`). '
+        "`mock_traced`: a smaller mock run under tracemalloc, to show what stays allocated. "
+        f"`partition_idle_timeout={s['footprint_idle']}`; every partition holds an open response "
+        "while the others are touched (so all are live at once), then all are read; after the "
+        "timeout one more request runs the sweep. Memory after `gc.collect()`.",
+        "",
+    ]
+    rows = []
+    for name, run in data["runs"].items():
+        p = run["points"]
+        rows.append(
+            [
+                name,
+                _num(run["partitions"]),
+                _num(run["touch_seconds"], 1, " s"),
+                _mib(p["start"]["rss"]),
+                _mib(p["peak"]["rss"]),
+                _mib(p["idle"]["rss"]),
+                _mib(p["after"]["rss"]),
+                _ratio(run["rss_after_vs_start"]),
+                _mib(p.get("after_cache_clear", {}).get("rss")),
+                _mib(p.get("after_trim", {}).get("rss")),
+            ]
+        )
+    lines += [
+        "RSS at each phase. The last two columns are diagnostics, not the target: RSS "
+        "after also clearing the partitioner's host → key cache (a private attribute), "
+        "then after glibc's `malloc_trim(0)`.",
+        "",
+    ]
+    lines += _table(
+        [
+            "run",
+            "partitions",
+            "touch",
+            "start",
+            "peak",
+            "idle",
+            "after sweep",
+            "after / start",
+            "+ key cache cleared",
+            "+ malloc_trim",
+        ],
+        rows,
+    )
+    rows = []
+    for name, run in data["runs"].items():
+        p = run["points"]
+        traced = None
+        if "traced" in p["idle"]:
+            traced = (p["idle"]["traced"] - p["start"]["traced"]) / run["partitions"]
+        rows.append(
+            [
+                name,
+                _num(run["idle_partition_rss_bytes"] / 1024, 2, " KiB"),
+                _num(run["idle_partition_blocks"], 1),
+                _num(None if traced is None else traced / 1024, 2, " KiB"),
+                f"{p['start']['blocks']:,} → {p['after']['blocks']:,}",
+                _num(p["after"].get("key_cache_entries")),
+                f"{p['start']['objects']:,} → {p['after']['objects']:,}",
+                f"{run['live_partitions_idle']:,} → {run['live_partitions_after']:,}",
+            ]
+        )
+    lines += [
+        "Python heap: per idle partition (RSS, allocated blocks, and tracemalloc bytes "
+        "where traced), blocks and gc-tracked objects before and after, entries left in the "
+        "key cache after the sweep, live partitions before and after the sweep.",
+        "",
+    ]
+    lines += _table(
+        [
+            "run",
+            "RSS / idle partition",
+            "blocks / idle partition",
+            "traced / idle partition",
+            "heap blocks",
+            "key cache entries after",
+            "gc objects",
+            "live partitions",
+        ],
+        rows,
+    )
+    traced = data["runs"].get("mock_traced")
+    if traced and traced.get("top_retained"):
+        lines += [
+            f"Still allocated after the sweep in `mock_traced` ({traced['partitions']:,} "
+            f"partitions; {_num((traced['traced_retained'] or 0) / 1024, 0)} KiB in all), "
+            "largest allocation sites (innermost frame first):",
+            "",
+        ]
+        rows = [
+            [
+                _num(e["size_diff"] / 1024, 1, " KiB"),
+                _num(e["count_diff"]),
+                " ← ".join(reversed(e["where"])),
+            ]
+            for e in traced["top_retained"][:8]
+        ]
+        lines += _table(["size", "blocks", "where (innermost first)"], rows)
+
+
+def _section_overhead(data: dict[str, Any], lines: list[str]) -> None:
+    m = data["medians_us"]
+    lines += [
+        "## Layer costs (canned transport, no socket)",
+        "",
+        f"Sequential requests, {data['requests_per_trial']:,} per trial, medians of µs per "
+        "request.",
+        "",
+    ]
+    lines += _table(
+        ["layer", "µs per request"],
+        [
+            ["httpx.AsyncClient + MockTransport", _num(m["httpx"], 1)],
+            ["HostRouter + MockTransport", _num(m["hostpool"], 1)],
+            ["hostpool admission alone (lookup, acquire, release)", _num(m["admission"], 1)],
+            ["hostpool's addition over httpx", _num(data["hostpool_added_us"], 1)],
+        ],
+    )
+
+
+def _section_profile(
+    data: dict[str, Any], lines: list[str], report: Path, out: Path, real_us: float | None
+) -> None:
+    lines += [
+        "## Profile: HostRouter at concurrency 50",
+        "",
+        f"cProfile over {data['requests']:,} requests; files: "
+        + ", ".join(
+            f"[{f}]({os.path.relpath(out / f, report.parent)})" for f in data["files"].values()
+        )
+        + ". hostpool's own functions by cumulative time (callees included). *share* is "
+        "the part of all profiled time; the profiler slows everything down, so "
+        "*≈ µs/req* scales the share to the unprofiled CPU cost per request at c=50 "
+        f"({_num(real_us, 1)} µs, from the throughput run).",
+        "",
+    ]
+    rows = [
+        [
+            f"`{r['function']}`",
+            _pct(r.get("share")),
+            _num(r["share"] * real_us if real_us and "share" in r else None, 1),
+            _num(r["cum_us_per_request"], 1),
+            _num(r["own_us_per_request"], 1),
+        ]
+        for r in data["hostpool_functions"][:15]
+    ]
+    lines += _table(
+        ["function", "share", "≈ µs/req", "cum µs/req (profiled)", "own µs/req (profiled)"],
+        rows,
+    )
+
+
+def write_report(settings: Settings, charts: bool = True) -> Path:
+    """Write ``RESULTS.md`` (and the charts) from every result file in ``settings.out``."""
+    results = read_results(settings.out)
+    report = settings.report
+    made = _charts(results, settings.out) if charts and results else {}
+    lines = [
+        "# hostpool benchmark results",
+        "",
+        "Generated by `python -m benchmarks` from `"
+        + os.path.relpath(settings.out, report.parent)
+        + "/*.json`; do not edit by hand. Every comparison ran in one process, interleaved, "
+        "repeated; figures are medians, ratios are medians of per-repeat ratios. The "
+        "upstream is a separate process on loopback.",
+        "",
+    ]
+    if not results:
+        lines.append("No results yet: run `python -m benchmarks`.")
+        report.write_text("\n".join(lines) + "\n")
+        return report
+    lines += _machine(results)
+    lines += ["## Targets", ""]
+    lines += _targets_table(results)
+    sections: list[tuple[str, Callable[[dict[str, Any], list[str]], None]]] = [
+        ("isolation", _section_isolation),
+        ("throughput", _section_throughput),
+        ("many_hosts", _section_many),
+        ("scheduler", _section_scheduler),
+        ("footprint", _section_footprint),
+        ("overhead", _section_overhead),
+    ]
+    for name, section in sections:
+        if name in results:
+            section(results[name], lines)
+            _image(lines, made, name, report)
+    if "profile" in results:
+        real_us = None
+        medians = results.get("throughput", {}).get("medians", {})
+        if "50" in medians:
+            real_us = medians["50"]["hostpool"]["cpu_us_per_request"]
+        _section_profile(results["profile"], lines, report, settings.out, real_us)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n")
+    return report
