@@ -9,6 +9,14 @@
 
 Sequential requests (concurrency 1), interleaved per repeat; medians of µs
 per request.
+
+Stats overhead (issue target: under 2% of throughput): stats are always on,
+so there is no "off" run to compare with. Instead the exact bookkeeping a
+request does for ``stats()`` (two wait-histogram samples, the request
+counters, the peak check) is timed on its own and set against the whole
+request's cost with a canned transport — the cheapest request there is, so
+the share is an upper bound. The cost of taking a ``stats()`` snapshot (what
+a metrics scrape does) is reported per live partition.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 import httpx
 
 import hostpool
+from hostpool._stats import WaitHistogram
 
 from ._common import Settings, median, write_result
 
@@ -63,6 +72,45 @@ async def _admission(n: int) -> float:
         return (time.perf_counter() - start) / n * 1e6
 
 
+class _Counters:
+    __slots__ = ("peak", "requests", "requests_completed")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.requests_completed = 0
+        self.peak = 0
+
+
+def _stats_bookkeeping_us(n: int) -> float:
+    """µs per request of the bookkeeping behind stats(), as acquire/release do it."""
+    partition_wait, router_wait, counters = WaitHistogram(), WaitHistogram(), _Counters()
+    in_flight = 1
+    start = time.perf_counter()
+    for _ in range(n):
+        counters.requests += 1
+        if in_flight > counters.peak:
+            counters.peak = in_flight
+        partition_wait.record(0.0)
+        router_wait.record(0.0)
+        counters.requests_completed += 1
+    loop = time.perf_counter()
+    for _ in range(n):
+        pass
+    end = time.perf_counter()
+    return max(0.0, (loop - start) - (end - loop)) / n * 1e6
+
+
+async def _snapshot_us_per_partition(partitions: int) -> float:
+    async with hostpool.HostRouter(transport=httpx.MockTransport(_canned)) as router:
+        for i in range(partitions):
+            await router.get(f"http://h{i}.example/")
+        router.stats()
+        start = time.perf_counter()
+        for _ in range(5):
+            router.stats()
+        return (time.perf_counter() - start) / 5 / partitions * 1e6
+
+
 async def run(settings: Settings, upstream: object, log: Any) -> dict[str, Any]:
     layers = {"httpx": _httpx, "hostpool": _hostpool, "admission": _admission}
     samples: dict[str, list[float]] = {name: [] for name in layers}
@@ -75,6 +123,15 @@ async def run(settings: Settings, upstream: object, log: Any) -> dict[str, Any]:
             samples[name].append(us)
             log(f"overhead r{repeat + 1} {name:<9} {us:7.1f} us/request (canned transport)")
     medians = {name: median(values) for name, values in samples.items()}
+    bookkeeping = median(
+        [_stats_bookkeeping_us(settings.overhead_requests * 10) for _ in range(settings.repeats)]
+    )
+    snapshot = await _snapshot_us_per_partition(200 if settings.overhead_requests > 100 else 20)
+    share = bookkeeping / medians["hostpool"]
+    log(
+        f"overhead stats bookkeeping {bookkeeping:.2f} us/request = {share:.2%} of a "
+        f"canned request; stats() {snapshot:.1f} us per partition"
+    )
     data = {
         "requests_per_trial": settings.overhead_requests,
         "samples_us": samples,
@@ -85,6 +142,18 @@ async def run(settings: Settings, upstream: object, log: Any) -> dict[str, Any]:
             )
         },
         "hostpool_added_us": medians["hostpool"] - medians["httpx"],
+        "stats": {
+            "bookkeeping_us_per_request": bookkeeping,
+            "share_of_canned_request": share,
+            "snapshot_us_per_partition": snapshot,
+        },
+        "targets": {
+            "stats_overhead": {
+                "value": share,
+                "target": "stats bookkeeping <= 2% of a request (canned transport: upper bound)",
+                "met": share <= 0.02,
+            }
+        },
     }
     write_result(settings, "overhead", data)
     return data

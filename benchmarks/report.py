@@ -206,6 +206,7 @@ def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
         ("footprint", "mock_heap_back_within_10pct"): "5 · Python heap back (100k, mock)",
         ("footprint", "real_heap_back_within_10pct"): "5 · Python heap back (real sockets)",
         ("footprint", "partitions_dropped"): "5 · idle partitions dropped",
+        ("overhead", "stats_overhead"): "stats cost per request (issue 4)",
     }
     for (scenario, key), label in labels.items():
         target = results.get(scenario, {}).get("targets", {}).get(key)
@@ -224,6 +225,8 @@ def _target_value(key: str, value: Any) -> str:
         return ", ".join(f"{k} {v:.2f}x" for k, v in value.items())
     if key in ("hostpool_flat", "hostpool_cost_flat"):
         return f"max/min = {1 + value:.2f}"
+    if key == "stats_overhead":
+        return f"{value:.2%} of a request"
     if key == "max_cost":
         return f"worst median {value:.2f} µs"
     if key == "partitions_dropped":
@@ -577,6 +580,17 @@ def _section_overhead(data: dict[str, Any], lines: list[str]) -> None:
             ["hostpool's addition over httpx", _num(data["hostpool_added_us"], 1)],
         ],
     )
+    stats = data.get("stats")
+    if stats:
+        lines += [
+            "",
+            "Stats are always on. The bookkeeping each request does for `stats()` "
+            f"costs {_num(stats['bookkeeping_us_per_request'], 2)} µs, "
+            f"{stats['share_of_canned_request']:.2%} of a request even with a canned "
+            "transport (a real request costs far more, so the real share is lower). "
+            f"A `stats()` snapshot (a metrics scrape) costs "
+            f"{_num(stats['snapshot_us_per_partition'], 1)} µs per live partition.",
+        ]
 
 
 def _section_profile(

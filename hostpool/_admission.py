@@ -149,6 +149,7 @@ class Admission:
         # went quiet (oldest first): the idle sweep looks only at the head,
         # O(1) per request, and a busy partition never blocks it.
         self._quiet: OrderedDict[str, Partition] = OrderedDict()
+        self._peak_partitions = 0
         self._drop_hooks: list[DropHook] = []
         self._rebind_hooks: list[Callable[[], None]] = []
         self._loop: object | None = None
@@ -189,6 +190,8 @@ class Admission:
             partition = self._partitions[key] = Partition(
                 key, entry, lane, self.budget, self.totals.created
             )
+            if len(self._partitions) > self._peak_partitions:
+                self._peak_partitions = len(self._partitions)
             # Born quiet: if admission never happens (the router is closed),
             # the sweep still drops it.
             partition.quiet_since = anyio.current_time()
@@ -202,13 +205,30 @@ class Admission:
         if not quiet:
             return
         now = anyio.current_time()
+        dropped = False
         while quiet:
             partition = next(iter(quiet.values()))
             since = partition.quiet_since
             assert since is not None
             if now - since < self.idle_timeout:
-                return
+                break
             self._drop(partition)
+            dropped = True
+        if dropped and len(self._partitions) * 4 < self._peak_partitions:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Give back the memory of a crowd of partitions that has gone (G9).
+
+        Python dicts never shrink as keys are deleted, and the partition-key
+        cache outlives partitions: after a crawl over 100,000 hosts both would
+        keep their peak size. Rebuild them at the size of what is left.
+        """
+        live = len(self._partitions)
+        self._partitions = dict(self._partitions)
+        self._quiet = OrderedDict(self._quiet)
+        self._peak_partitions = live
+        self.partitioner.shrink(live)
 
     def _drop(self, partition: Partition) -> None:
         # Runs without an await from check to removal, so no request can be

@@ -45,6 +45,8 @@ class SocketLedger:
         self.evictions = 0
         # Idle connections of every partition, least recently used first.
         self.idle: OrderedDict[AsyncConnectionInterface, _Owner] = OrderedDict()
+        # When each idle connection's keepalive runs out (time.monotonic()).
+        self._expires: dict[AsyncConnectionInterface, float] = {}
         # Idle connections of dropped partitions, still counted, to be closed.
         self.retired: list[AsyncConnectionInterface] = []
 
@@ -53,6 +55,7 @@ class SocketLedger:
         evicted: list[AsyncConnectionInterface] = []
         while self.open >= self.max_connections and self.idle:
             conn, pool = self.idle.popitem(last=False)
+            del self._expires[conn]
             pool.evicted(conn)
             self.open -= 1
             evicted.append(conn)
@@ -65,12 +68,23 @@ class SocketLedger:
         self.opened += 1
         return evicted
 
-    def park(self, conn: AsyncConnectionInterface, pool: _Owner) -> list[AsyncConnectionInterface]:
-        """Record ``conn`` as idle; return connections to close to respect the keepalive budget."""
+    def park(
+        self, conn: AsyncConnectionInterface, pool: _Owner, now: float, expires: float
+    ) -> list[AsyncConnectionInterface]:
+        """Record ``conn`` as idle until ``expires``; return connections to close.
+
+        Those are idle connections over the keepalive budget (least recently
+        used first) and, at most one per call, the oldest idle connection
+        once its keepalive has expired at ``now``: idle connections expire
+        roughly in the order they went idle, so checking the head clears them
+        over time in O(1) per call, with no system call.
+        """
         self.idle[conn] = pool
+        self._expires[conn] = expires
         closing: list[AsyncConnectionInterface] = []
         while len(self.idle) > self.max_keepalive:
             old, owner = self.idle.popitem(last=False)
+            del self._expires[old]
             owner.evicted(old)
             self.open -= 1
             closing.append(old)
@@ -79,12 +93,11 @@ class SocketLedger:
                 owner.key,
                 self.max_keepalive,
             )
-        # Idle connections expire in the order they went idle, so checking the
-        # oldest one is enough to clear them out over time, in O(1) per park.
         if self.idle:
             old, owner = next(iter(self.idle.items()))
-            if old is not conn and old.has_expired():
+            if old is not conn and self._expires[old] <= now:
                 del self.idle[old]
+                del self._expires[old]
                 owner.evicted(old)
                 self.open -= 1
                 closing.append(old)
@@ -93,6 +106,7 @@ class SocketLedger:
     def unpark(self, conn: AsyncConnectionInterface) -> None:
         """Record that an idle connection was taken back into use."""
         del self.idle[conn]
+        del self._expires[conn]
 
     def retire(self, conns: list[AsyncConnectionInterface]) -> None:
         """Queue idle connections of a dropped partition for closing.

@@ -29,6 +29,8 @@ pooling is ours.
 from __future__ import annotations
 
 import logging
+import math
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
@@ -85,6 +87,10 @@ class PartitionPool:
         self._factory = factory
         self._ledger = ledger
         self._keepalive = keepalive
+        # httpcore's own setting (httpx's limits.keepalive_expiry), for the
+        # ledger's cheap clock-based sweep of idle sockets.
+        expiry = getattr(factory, "_keepalive_expiry", None)
+        self._expiry = math.inf if expiry is None else float(expiry)
         # Idle connections per origin, most recently used last.
         self._idle: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
         # Idle connections of this partition, least recently used first.
@@ -135,25 +141,21 @@ class PartitionPool:
         origin = request.url.origin
         key: _OriginKey = (origin.scheme, origin.host, origin.port)
         while True:
-            conn, shareable = await self._checkout(origin, key)
+            conn, shareable, new = await self._checkout(origin, key)
             self._active[conn] = self._active.get(conn, 0) + 1
             if shareable:
                 self._share(conn, key)
-            # A connection that is still connecting has no socket that aclose()
-            # could close, so closing the pool cancels this scope instead.
-            scope = anyio.CancelScope()
-            self._sending.add(scope)
             try:
-                with scope:
+                if new:
+                    response = await self._send_on_new(conn, request)
+                else:
                     response = await conn.handle_async_request(request)
-                if scope.cancelled_caught:
-                    raise RouterClosed("the HostRouter was closed while this request was sent")
             except httpcore.ConnectionNotAvailable:
                 # The connection was taken or closed under us (HTTP/2 stream
                 # limits, a server that closed it): use another, as httpcore does.
                 await self._finish(conn, key)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 # A request that failed or was cancelled mid-exchange may leave
                 # the connection in a state httpcore does not notice (an HTTP/2
                 # write interrupted by cancellation still looks usable): never
@@ -161,21 +163,47 @@ class PartitionPool:
                 self._retiring.add(conn)
                 self._unshare(conn, key)
                 await self._finish(conn, key)
+                if isinstance(exc, Exception) and self._closed_meanwhile():
+                    # The socket was closed under it by aclose(): say so.
+                    # (Cancellation is never turned into an error.)
+                    raise RouterClosed(
+                        "the HostRouter was closed while this request was sent"
+                    ) from exc
                 raise
-            finally:
-                self._sending.discard(scope)
             break
         if response.extensions.get("http_version") == b"HTTP/2":
             self._multiplexed.add(conn)
             self._share(conn, key)
-        else:
+        elif shareable:
             self._unshare(conn, key)
-        return httpcore.Response(
-            status=response.status,
-            headers=response.headers,
-            content=_PoolStream(response.stream, self, conn, key),
-            extensions=response.extensions,
-        )
+        # Wrap the body in place: building a new httpcore.Response would
+        # re-validate every header on each request.
+        response.stream = _PoolStream(response.stream, self, conn, key)
+        return response
+
+    def _closed_meanwhile(self) -> bool:
+        # A method, not the attribute: aclose() may have run during the await.
+        return self.closed
+
+    async def _send_on_new(
+        self, conn: AsyncConnectionInterface, request: httpcore.Request
+    ) -> httpcore.Response:
+        """Send on a connection still to be opened.
+
+        While it connects there is no socket that aclose() could close to
+        stop it, so it runs in a cancel scope that aclose() cancels. (Once
+        connected, closing the socket is enough: reused connections skip this.)
+        """
+        scope = anyio.CancelScope()
+        self._sending.add(scope)
+        try:
+            with scope:
+                response = await conn.handle_async_request(request)
+        finally:
+            self._sending.discard(scope)
+        if scope.cancelled_caught:
+            raise RouterClosed("the HostRouter was closed while this request was sent")
+        return response
 
     def _share(self, conn: AsyncConnectionInterface, key: _OriginKey) -> None:
         if conn in self._retiring:
@@ -193,13 +221,13 @@ class PartitionPool:
 
     async def _checkout(
         self, origin: Origin, key: _OriginKey
-    ) -> tuple[AsyncConnectionInterface, bool]:
-        """Return a connection for ``origin`` and whether others may share it now."""
+    ) -> tuple[AsyncConnectionInterface, bool, bool]:
+        """Return a connection, whether others may share it now, and whether it is new."""
         shared = self._shared.get(key)
         if shared:
             for conn in shared:
                 if conn.is_available():
-                    return conn, False
+                    return conn, False, False
         ledger = self._ledger
         if ledger.retired:
             retired = ledger.take_retired()
@@ -213,7 +241,7 @@ class PartitionPool:
                 del self._idle_lru[conn]
                 self._ledger.unpark(conn)
                 if conn.is_available() and not conn.has_expired():
-                    return conn, conn in self._multiplexed
+                    return conn, conn in self._multiplexed, False
                 # Expired, or the server closed it while idle: the next
                 # request goes to a fresh connection, as httpx does.
                 discard.append(conn)
@@ -228,7 +256,7 @@ class PartitionPool:
                 raise
             # True when HTTP/2 is possible (https, http2=True): let concurrent
             # requests wait on this connection rather than open their own.
-            return conn, conn.is_available()
+            return conn, conn.is_available(), True
         finally:
             if idle is not None and not idle:
                 self._idle.pop(key, None)
@@ -245,16 +273,13 @@ class PartitionPool:
         self._unshare(conn, origin)
         closing: list[AsyncConnectionInterface] = []
         reusable = conn not in self._retiring
-        if (
-            reusable
-            and not self.closed
-            and conn.is_idle()
-            and conn.is_available()
-            and not conn.has_expired()
-        ):
+        # No has_expired() here: it polls the socket, and a connection that
+        # just finished a response is fresh. Checkout checks before reuse.
+        if reusable and not self.closed and conn.is_idle() and conn.is_available():
             self._idle.setdefault(origin, []).append(conn)
             self._idle_lru[conn] = origin
-            closing.extend(self._ledger.park(conn, self))
+            now = time.monotonic()
+            closing.extend(self._ledger.park(conn, self, now, now + self._expiry))
             while len(self._idle_lru) > self._keepalive:
                 old = next(iter(self._idle_lru))
                 self._ledger.unpark(old)
@@ -344,8 +369,9 @@ class _PoolStream:
             return
         self._done = True
         try:
-            with anyio.CancelScope(shield=True):
-                if hasattr(self._stream, "aclose"):
-                    await self._stream.aclose()
+            if hasattr(self._stream, "aclose"):
+                await self._stream.aclose()
         finally:
+            # Runs even if the close above was cancelled: _finish sees the
+            # connection is not idle then, and closes it (shielded).
             await self._pool._finish(self._conn, self._origin)

@@ -295,6 +295,11 @@ class Partitioner:
             self._extract = _registrable_domain_function()
         return self._extract(host)
 
+    def shrink(self, live_partitions: int) -> None:
+        """Drop the cache if it is far larger than the partitions still alive."""
+        if len(self._cache) > 2 * live_partitions + 1024:
+            self._cache = {}
+
     def __call__(self, url: httpx.URL) -> tuple[str, str]:
         """Return ``(partition_key, quota_name)`` for a URL.
 

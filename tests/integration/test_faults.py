@@ -205,3 +205,5 @@ async def test_ten_thousand_distinct_hosts_keep_bounded_state() -> None:
     assert stats.partitions_created == 10_001
     assert stats.partitions_dropped == 10_000
     assert stats.in_flight == 0
+    # The host -> key cache shrank with the partitions (G9: bounded memory).
+    assert len(router._hp_partitioner._cache) <= 1024 + 2

@@ -218,3 +218,63 @@ async def test_all_slots_reserved_leaves_nothing_for_unlisted_hosts(upstream: Up
         assert (await router.get(upstream.url(HOSTS[0], "/ok"))).text == "ok"
         with pytest.raises(hostpool.PoolTimeout):
             await router.get(upstream.url(HOSTS[1], "/ok"))
+
+
+@st.composite
+def timed_workloads(draw: st.DrawFn) -> tuple[Workload, tuple[int, ...], tuple[float, ...]]:
+    work = draw(workloads())
+    latency_ms = tuple(draw(st.sampled_from([0, 2, 10, 30])) for _ in work.caps)
+    # Per request: None = wait for the answer, else cancel after that many seconds.
+    patience = tuple(
+        draw(st.one_of(st.none(), st.floats(0.0, 0.05))) for _ in range(sum(work.demand))
+    )
+    return work, latency_ms, patience
+
+
+@given(case=timed_workloads())
+async def test_latencies_and_cancellations_never_break_quotas_or_leak(
+    upstream: Upstream, case: tuple[Workload, tuple[int, ...], tuple[float | None, ...]]
+) -> None:
+    """Requests with per-host latencies, some cancelled at random points.
+
+    Server side: no host above its quota, the budget never exceeded (requests
+    and sockets). Client side: every request ends with a response or its
+    cancellation, and afterwards nothing is in flight or waiting.
+    """
+    work, latency_ms, patience = case
+    upstream.reset_counters()
+    quotas = {
+        host: Quota(max_connections=cap, reserved=r)
+        for host, cap, r in zip(work.hosts, work.caps, work.reserved, strict=True)
+    }
+    limits = httpx.Limits(max_connections=work.budget, max_keepalive_connections=work.budget)
+    outcomes: list[object] = []
+    async with HostRouter(quotas=quotas, limits=limits) as router:
+
+        async def one(host: str, ms: int, wait: float | None) -> None:
+            with anyio.CancelScope() as scope:
+                if wait is not None:
+                    scope.deadline = anyio.current_time() + wait
+                response = await router.get(upstream.url(host, f"/delay?ms={ms}"))
+                outcomes.append(response.status_code)
+            if scope.cancelled_caught:
+                outcomes.append("cancelled")
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                i = 0
+                for host, d, ms in zip(work.hosts, work.demand, latency_ms, strict=True):
+                    for _ in range(d):
+                        tg.start_soon(one, host, ms, patience[i])
+                        i += 1
+        assert len(outcomes) == sum(work.demand)
+        assert set(outcomes) <= {200, "cancelled"}
+        stats = router.stats()
+        assert stats.in_flight == 0
+        assert stats.waiting == 0
+        assert stats.sockets_open <= work.budget
+    for host, cap in zip(work.hosts, work.caps, strict=True):
+        assert upstream.stats(host).peak_in_flight <= cap
+    assert upstream.total().peak_in_flight <= work.budget
+    assert upstream.total().peak_open_sockets <= work.budget
+    await upstream.wait_until(lambda: upstream.total().open_sockets == 0)
