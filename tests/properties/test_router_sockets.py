@@ -128,6 +128,11 @@ async def _run(upstream: Upstream, work: Workload) -> None:
                     assert stats.in_flight >= floor
                 assert upstream.total().peak_in_flight <= work.budget
                 assert upstream.total().peak_open_sockets <= work.budget
+                wants = [min(d, c) for d, c in zip(work.demand, work.caps, strict=True)]
+                if expected == sum(wants):
+                    # Demand fits: every host runs exactly what it asked for, up to its quota.
+                    for host, want in zip(work.hosts, wants, strict=True):
+                        assert upstream.stats(host).in_flight == want
                 # Cancel some of the waiters: the requests the server never saw.
                 arrived = {int(r.target.rsplit("id=", 1)[1]) for r in upstream.request_log()}
                 cancelled = 0
