@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 import warnings
 from collections.abc import Callable, Mapping
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import httpx
@@ -289,7 +289,7 @@ class HostRouter(httpx.AsyncClient):
             partitions_created=totals.created,
             partitions_dropped=totals.dropped,
             wait=admission.router_wait.summary(),
-            partitions=partitions,
+            partitions=MappingProxyType(partitions),
         )
 
     def diagnose(self, *, min_requests: int = 20) -> list[Finding]:

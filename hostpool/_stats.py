@@ -7,6 +7,7 @@ pool-wait figures live in a fixed log-scale histogram, not a list of samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._quota import Quota
@@ -222,4 +223,4 @@ class RouterStats:
     partitions_created: int
     partitions_dropped: int
     wait: WaitSummary
-    partitions: dict[str, PartitionStats]
+    partitions: Mapping[str, PartitionStats]

@@ -163,16 +163,27 @@ async def test_logging_reports_lifecycle_and_failures_but_not_successes(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="hostpool")
     limits = httpx.Limits(max_connections=1)
-    quotas = {"127.0.0.1": Quota(max_connections=1, max_pending=0)}
-    async with HostRouter(quotas=quotas, limits=limits, partition_idle_timeout=0.01) as router:
+    quotas = {
+        "127.0.0.1": Quota(max_connections=1, max_pending=0),
+        "127.0.0.3": Quota(max_connections=1, pool_timeout=0.01),
+    }
+    async with HostRouter(quotas=quotas, limits=limits, partition_idle_timeout=0.05) as router:
         await router.get(upstream.url("127.0.0.1", "/ok"))
         await router.get(upstream.url("127.0.0.2", "/ok"))
         async with router.stream("GET", upstream.url("127.0.0.1", "/ok")):
             with pytest.raises(httpx.PoolTimeout):
                 await router.get(upstream.url("127.0.0.1", "/ok"))
+            with pytest.raises(httpx.PoolTimeout):  # the budget (1) is taken
+                await router.get(upstream.url("127.0.0.3", "/ok"))
+        with anyio.fail_after(5):
+            while "127.0.0.2" in router.stats().partitions:
+                await anyio.sleep(0.02)
+                await router.get(upstream.url("127.0.0.1", "/ok"))
     messages = [r.getMessage() for r in caplog.records if r.name == "hostpool"]
     info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert any("partition 127.0.0.1 created" in m for m in messages)
+    assert any("partition 127.0.0.2 dropped" in m for m in messages)
     assert any("idle socket closed to stay within max_connections=1" in m for m in messages)
     assert any("rejected" in m for m in info)
-    assert len(info) == 1  # successful requests never log at INFO
+    assert any("127.0.0.3: pool timeout" in m for m in info)
+    assert len(info) == 2  # successful requests never log at INFO

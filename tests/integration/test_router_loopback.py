@@ -699,3 +699,55 @@ def test_router_reused_after_its_loop_died_with_a_stream_open(upstream: Upstream
     assert asyncio.run(reuse()) == (0, 0)
     assert router.stats().in_flight == 0
     assert router.stats().shared_in_use == 0
+
+
+async def test_under_quota_host_keeps_its_latency_while_another_is_flooded(
+    upstream: Upstream,
+) -> None:
+    # G8, with wide margins (the exact ratio is measured in benchmarks/).
+    router = HostRouter(quotas={H1: 4, H2: 4}, limits=httpx.Limits(max_connections=8))
+
+    async def median_latency() -> float:
+        times = []
+        for _ in range(20):
+            start = anyio.current_time()
+            await router.get(upstream.url(H2, "/ok"))
+            times.append(anyio.current_time() - start)
+        return sorted(times)[len(times) // 2]
+
+    async with router:
+        alone = await median_latency()
+        async with flood(router, [upstream.url(H1, "/hold?key=flood")] * 40):
+            await upstream.wait_until(lambda: waiting(router, H1) == 36)
+            flooded = await median_latency()
+            upstream.release("flood")
+    assert flooded < alone * 10 + 0.05, (alone, flooded)
+
+
+async def test_mounted_transport_gets_quotas_under_concurrency() -> None:
+    inside = peak = 0
+    gate = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal inside, peak
+        inside += 1
+        peak = max(peak, inside)
+        await gate.wait()
+        inside -= 1
+        return httpx.Response(204)
+
+    router = HostRouter(
+        mounts={"https://mocked.example": httpx.MockTransport(handler)},
+        quotas={"mocked.example": 3},
+    )
+    async with router, flood(router, ["https://mocked.example/"] * 8):
+        await _poll(lambda: waiting(router, "mocked.example") == 5)
+        assert inside == 3
+        gate.set()
+    assert peak == 3
+
+
+async def _poll(predicate: Any) -> None:
+    with anyio.fail_after(5):
+        while not predicate():
+            await anyio.sleep(0.005)
