@@ -97,7 +97,7 @@ async def test_newcomer_never_barges_past_a_woken_waiter(upstream: Upstream, rou
     # aio-libs/aiohttp#4936, golang/go#29889: a release woke a waiter, and a
     # request arriving before the waiter ran took the slot: the limit was
     # exceeded, or the waiter starved. Here the newcomer starts in the very
-    # step that releases the slot.
+    # step that releases the slot, or a few checkpoints later.
     quotas = {H1: Quota(max_connections=1)}
     async with HostRouter(quotas=quotas) as router:
         for round_ in range(rounds):
@@ -116,6 +116,10 @@ async def test_newcomer_never_barges_past_a_woken_waiter(upstream: Upstream, rou
                     while router.stats().partitions[H1].waiting == 0:
                         await anyio.lowlevel.checkpoint()
                 await holder.aclose()  # wakes the waiter; it has not run yet
+                # Vary where the newcomer lands around the release: at once,
+                # or after 1-3 checkpoints (the waiter may or may not have run).
+                for _ in range(round_ % 4):
+                    await anyio.lowlevel.checkpoint()
                 tg.start_soon(request, "newcomer")
             assert order == ["waiter", "newcomer"], round_
     assert upstream.stats(H1).peak_in_flight == 1
