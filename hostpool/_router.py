@@ -304,10 +304,11 @@ class HostRouter(httpx.AsyncClient):
         ...     print(finding)
         api.example.com: pool too small: requests wait for a slot (...). Requests ...
         """
+        table = self._hp_table
         reserved = {
-            entry.group: entry.quota
-            for entry in self._hp_table.entries()
-            if entry.quota.reserved and not entry.group.startswith(("*", "<"))
+            name: quota
+            for name in table.exact_names()
+            if (quota := table.lookup(name).quota).reserved
         }
         return diagnose(
             self.stats(),

@@ -113,6 +113,7 @@ class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
 
     def __init__(self, pool: PartitionPool) -> None:
         # No super().__init__(): that would build an httpcore pool we never use.
+        self.pool = pool
         self._pool = pool  # type: ignore[assignment]
 
 
@@ -125,7 +126,9 @@ class PartitionedTransport(AdmissionTransport):
         self._pools: dict[str, _PartitionHTTPTransport] = {}
         self._closed = False
 
-    def _pool(self, partition: Partition) -> PartitionPool:
+    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise RouterClosed("the HostRouter has been closed")
         transport = self._pools.get(partition.key)
         if transport is None:
             pool = PartitionPool(
@@ -135,22 +138,12 @@ class PartitionedTransport(AdmissionTransport):
                 partition.entry.quota.keepalive,
             )
             transport = self._pools[partition.key] = _PartitionHTTPTransport(pool)
-        return transport._pool  # type: ignore[return-value]
-
-    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise RouterClosed("the HostRouter has been closed")
-        transport = self._pools.get(partition.key)
-        if transport is None:
-            self._pool(partition)
-            transport = self._pools[partition.key]
         return await transport.handle_async_request(request)
 
     def _on_drop(self, key: str) -> None:
         transport = self._pools.pop(key, None)
         if transport is not None:
-            pool: PartitionPool = transport._pool  # type: ignore[assignment]
-            pool.retire()
+            transport.pool.retire()
 
     def _on_rebind(self) -> None:
         # The connections belong to an event loop we no longer run in: they
@@ -163,7 +156,7 @@ class PartitionedTransport(AdmissionTransport):
         transport = self._pools.get(key)
         if transport is None:
             return (0, 0, 0, 0)
-        pool: PartitionPool = transport._pool  # type: ignore[assignment]
+        pool = transport.pool
         return (pool.sockets_open, pool.sockets_idle, pool.opened, pool.evictions)
 
     async def aclose(self) -> None:
