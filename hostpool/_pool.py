@@ -39,6 +39,7 @@ from typing import Any
 import anyio
 import httpcore
 from httpcore import AsyncConnectionInterface, Origin
+from httpcore._synchronization import AsyncLock
 
 from ._errors import RouterClosed
 from ._ledger import SocketLedger
@@ -66,6 +67,38 @@ async def close_connections(conns: Iterable[AsyncConnectionInterface]) -> None:
                 await conn.aclose()
             except Exception:  # pragma: no cover - closing is best effort
                 logger.debug("error closing %r", conn, exc_info=True)
+
+
+class _UncontendedLock(AsyncLock):
+    """httpcore's lock, minus the scheduling round-trip when nobody holds it.
+
+    ``AsyncHTTPConnection`` takes its ``_request_lock`` around the connect
+    step of every request, even on a connection that is long connected. On
+    asyncio that lock is ``anyio.Lock()``, whose acquire always yields to the
+    event loop once; ``anyio.Lock(fast_acquire=True)`` is the same lock
+    without that yield when it is free. Mutual exclusion is unchanged (a
+    second request on a connecting HTTP/2 connection still waits for the
+    first), and the request has other cancellation points right after (the
+    socket send). One loop pass per request is ~4% of a sequential request's
+    CPU (benchmarks: throughput at concurrency 1). Trio keeps its own lock.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        if self._backend == "asyncio":
+            self._anyio_lock = anyio.Lock(fast_acquire=True)
+
+
+def _fast_request_lock(conn: AsyncConnectionInterface) -> None:
+    """Give a new plain ``AsyncHTTPConnection`` an :class:`_UncontendedLock`.
+
+    Only the exact httpcore class whose lock we know; proxy connections and
+    anything else keep theirs.
+    """
+    if type(conn) is httpcore.AsyncHTTPConnection:
+        lock = getattr(conn, "_request_lock", None)
+        if type(lock) is AsyncLock and not lock._backend:
+            conn._request_lock = _UncontendedLock()
 
 
 class PartitionPool:
@@ -254,6 +287,7 @@ class PartitionPool:
             except BaseException:
                 self._ledger.closed()
                 raise
+            _fast_request_lock(conn)
             # True when HTTP/2 is possible (https, http2=True): let concurrent
             # requests wait on this connection rather than open their own.
             return conn, conn.is_available(), True

@@ -6,7 +6,9 @@ assertion about concurrency reads the *server's* counters, not the router's.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -262,6 +264,33 @@ async def test_streamed_response_holds_its_slot_until_closed(upstream: Upstream)
         await stream.__aexit__(None, None, None)
         assert response.is_closed
         assert (await router.get(upstream.url(H1, "/ok"))).text == "ok"
+        assert quiet(router)
+
+
+async def test_responses_are_freed_without_the_cycle_collector(upstream: Upstream) -> None:
+    # httpx ties each response to its body with strong references both ways;
+    # HostRouter does not, so a dropped response (read, streamed, or a
+    # redirect hop) is freed at once, and response.elapsed is still set.
+    async with HostRouter() as router:
+        await router.get(upstream.url(H1, "/ok"))  # warm: connection, partition
+        gc.collect()
+        gc.disable()
+        try:
+            response = await router.get(upstream.url(H1, "/redirect?to=/ok"), follow_redirects=True)
+            assert response.text == "ok"
+            assert len(response.history) == 1
+            assert response.elapsed.total_seconds() > 0
+            assert response.history[0].elapsed.total_seconds() > 0
+            refs = [weakref.ref(response), weakref.ref(response.history[0])]
+            del response
+            async with router.stream("GET", upstream.url(H1, "/bytes?n=100")) as streamed:
+                assert len(await streamed.aread()) == 100
+            assert streamed.elapsed.total_seconds() > 0
+            refs.append(weakref.ref(streamed))
+            del streamed
+            assert [ref() for ref in refs] == [None, None, None]
+        finally:
+            gc.enable()
         assert quiet(router)
 
 
