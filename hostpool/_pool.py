@@ -39,10 +39,12 @@ from typing import Any
 import anyio
 import httpcore
 from httpcore import AsyncConnectionInterface, Origin
+from httpcore._backends.auto import AutoBackend
 from httpcore._synchronization import AsyncLock
 
 from ._errors import RouterClosed
 from ._ledger import SocketLedger
+from ._stream import AsyncioBackend
 
 __all__ = ["PartitionPool", "close_connections"]
 
@@ -89,16 +91,20 @@ class _UncontendedLock(AsyncLock):
             self._anyio_lock = anyio.Lock(fast_acquire=True)
 
 
-def _fast_request_lock(conn: AsyncConnectionInterface) -> None:
-    """Give a new plain ``AsyncHTTPConnection`` an :class:`_UncontendedLock`.
+def _prepare(conn: AsyncConnectionInterface) -> None:
+    """Tune a new direct ``AsyncHTTPConnection``: our asyncio stream, an uncontended lock.
 
-    Only the exact httpcore class whose lock we know; proxy connections and
-    anything else keep theirs.
+    Only the exact httpcore class whose internals we know, with httpcore's
+    default backend; proxy connections and anything else are left alone.
     """
-    if type(conn) is httpcore.AsyncHTTPConnection:
-        lock = getattr(conn, "_request_lock", None)
-        if type(lock) is AsyncLock and not lock._backend:
-            conn._request_lock = _UncontendedLock()
+    if type(conn) is not httpcore.AsyncHTTPConnection:
+        return
+    backend = getattr(conn, "_network_backend", None)
+    if type(backend) is AutoBackend:
+        conn._network_backend = AsyncioBackend(backend)
+    lock = getattr(conn, "_request_lock", None)
+    if type(lock) is AsyncLock and not lock._backend:
+        conn._request_lock = _UncontendedLock()
 
 
 class PartitionPool:
@@ -287,7 +293,7 @@ class PartitionPool:
             except BaseException:
                 self._ledger.closed()
                 raise
-            _fast_request_lock(conn)
+            _prepare(conn)
             # True when HTTP/2 is possible (https, http2=True): let concurrent
             # requests wait on this connection rather than open their own.
             return conn, conn.is_available(), True

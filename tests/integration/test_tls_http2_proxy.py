@@ -19,6 +19,7 @@ from tls_upstream import ForwardProxy, TestTLS, TLSUpstream, make_tls
 from upstream import Upstream
 
 from hostpool import HostRouter
+from hostpool._stream import AsyncioStream
 
 pytestmark = pytest.mark.anyio
 
@@ -86,10 +87,14 @@ def versions(results: list[httpx.Response | Exception]) -> set[object]:
 
 
 async def test_https_get_over_http1_verifies_the_server_with_the_given_ssl_context(
-    tls: TestTLS, tls_upstream: TLSUpstream
+    tls: TestTLS, tls_upstream: TLSUpstream, anyio_backend: str
 ) -> None:
     async with tls_router(tls, http2=False) as router:
         response = await router.get(tls_upstream.url(H1, "/ok"))
+    # Direct connections run on hostpool's asyncio stream (TLS by asyncio's start_tls).
+    stream = response.extensions["network_stream"]
+    assert isinstance(stream, AsyncioStream) == (anyio_backend == "asyncio")
+    assert stream.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
     assert response.status_code == 200
     assert response.text == "ok"
     assert response.http_version == "HTTP/1.1"
@@ -98,10 +103,13 @@ async def test_https_get_over_http1_verifies_the_server_with_the_given_ssl_conte
 
 
 async def test_https_get_with_http2_enabled_negotiates_h2(
-    tls: TestTLS, tls_upstream: TLSUpstream
+    tls: TestTLS, tls_upstream: TLSUpstream, anyio_backend: str
 ) -> None:
     async with tls_router(tls, http2=True) as router:
         response = await router.get(tls_upstream.url(H1, "/ok"))
+        stream = response.extensions["network_stream"]
+        assert isinstance(stream, AsyncioStream) == (anyio_backend == "asyncio")
+        assert stream.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
         assert response.status_code == 200
         assert response.http_version == "HTTP/2"
         assert response.headers["x-upstream-proto"] == "h2"
@@ -382,6 +390,8 @@ async def test_https_through_a_proxy_tunnels_with_connect_and_speaks_http2(
     async with tls_router(tls, proxy=proxy.url, http2=True, quotas={H2: 2}) as router:
         response = await router.get(tls_upstream.url(H2, "/ok"))
         assert response.http_version == "HTTP/2"
+        # Proxied connections keep httpcore's stream (TLS inside the tunnel).
+        assert not isinstance(response.extensions["network_stream"], AsyncioStream)
         async with concurrently(router, [tls_upstream.url(H2, "/hold?key=t")] * 5, results):
             await tls_upstream.wait_until(
                 lambda: tls_upstream.held("t") == 2 and waiting(router, H2) == 3

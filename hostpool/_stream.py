@@ -1,0 +1,397 @@
+"""httpcore's network stream, straight on an asyncio Protocol.
+
+Under asyncio, httpcore talks to sockets through anyio: every read and write
+opens a ``fail_after`` cancel scope and a resource guard, every write yields
+to the event loop once before sending, and a read that finds nothing buffered
+resumes the transport's reading, waits, and pauses it again (two ``epoll_ctl``
+calls). That layer is about a fifth of a request's CPU. :class:`AsyncioStream`
+implements the same ``httpcore.AsyncNetworkStream`` contract on an
+``asyncio.Protocol`` that reads eagerly into a bounded buffer, waits on a bare
+future, and arms a timer only when it has to wait.
+
+Used for direct connections under asyncio only: under trio, and for proxied
+connections (HTTPS proxies need TLS inside TLS, which asyncio only supports
+from Python 3.11), the pool keeps httpcore's own backend.
+
+The contract kept, as httpcore's anyio backend keeps it:
+
+- ``read`` returns at most ``max_bytes``; ``b""`` once the peer closed
+  cleanly; raises ``ReadTimeout`` when nothing arrives within ``timeout``
+  and ``ReadError`` when the connection broke or was closed by us.
+- ``write`` sends everything or raises ``WriteError``; it waits (bounded by
+  ``timeout``: ``WriteTimeout``) only while the transport's buffer is above
+  its high-water mark.
+- ``connect_tcp``/``start_tls`` map failures to ``ConnectError`` and
+  ``ConnectTimeout``, and never leave a socket open when they fail or are
+  cancelled.
+- Cancellation (an anyio cancel scope, or ``Task.cancel``) interrupts any
+  wait and leaves the stream consistent: the waiter is cleared, no timer is
+  left armed.
+"""
+
+# httpcore's stream and backend interfaces take ``timeout`` arguments:
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+import httpcore
+import sniffio
+from httpcore._utils import is_socket_readable
+
+__all__ = ["AsyncioBackend", "AsyncioStream"]
+
+# Stop reading from the socket while this many bytes wait in the buffer
+# (a slow consumer of a large body must not make the buffer grow without
+# bound), and start again once the reader has taken it below half.
+_READ_HIGH_WATER = 256 * 1024
+
+# Returned by the timer callback through the waiter future.
+_TIMED_OUT = object()
+
+# anyio.connect_tcp's default delay between happy-eyeballs attempts (RFC 6555).
+_HAPPY_EYEBALLS_DELAY = 0.25
+
+
+def _resolve(waiter: asyncio.Future[Any] | None, value: object = None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(value)
+
+
+class _Protocol(asyncio.Protocol):
+    """Buffers what arrives and wakes the one reader or writer waiting."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.eof = False
+        self.lost = False
+        self.error: BaseException | None = None
+        self.reading_paused = False
+        self.writing_paused = False
+        self.read_waiter: asyncio.Future[Any] | None = None
+        self.write_waiter: asyncio.Future[Any] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > _READ_HIGH_WATER and not self.reading_paused:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+                self.reading_paused = True
+        _resolve(self.read_waiter)
+
+    def eof_received(self) -> bool:
+        # The peer is done sending. Keep our half open, as anyio does: a
+        # server may answer early and half-close while the request body is
+        # still being written. The stream closes the transport in aclose().
+        self.eof = True
+        _resolve(self.read_waiter)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.eof = True
+        self.error = exc
+        _resolve(self.read_waiter)
+        _resolve(self.write_waiter)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        _resolve(self.write_waiter)
+
+
+class AsyncioStream(httpcore.AsyncNetworkStream):
+    """One connection: an asyncio transport (TCP, Unix or TLS) and its protocol."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closed = False
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        protocol = self._protocol
+        while not protocol.chunks:
+            if self._closed:
+                raise httpcore.ReadError("the connection was closed")
+            if protocol.eof:
+                if protocol.error is not None:
+                    raise httpcore.ReadError(str(protocol.error) or repr(protocol.error))
+                return b""
+            if await self._wait("read_waiter", timeout):
+                raise httpcore.ReadTimeout("timed out while reading")
+        chunk = protocol.chunks.popleft()
+        if len(chunk) > max_bytes:
+            protocol.chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        protocol.buffered -= len(chunk)
+        if protocol.reading_paused and protocol.buffered <= _READ_HIGH_WATER // 2:
+            protocol.reading_paused = False
+            if not self._transport.is_closing():
+                self._transport.resume_reading()
+        return chunk
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        protocol = self._protocol
+        if self._closed or protocol.lost or self._transport.is_closing():
+            raise httpcore.WriteError("the connection is closed")
+        self._transport.write(buffer)
+        while protocol.writing_paused:
+            if protocol.lost:
+                raise httpcore.WriteError("the connection was lost while writing")
+            if await self._wait("write_waiter", timeout):
+                raise httpcore.WriteTimeout("timed out while writing")
+
+    async def _wait(self, slot: str, timeout: float | None) -> bool:
+        """Wait to be woken through ``protocol.<slot>``; return True on timeout."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        setattr(self._protocol, slot, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter, _TIMED_OUT)
+        try:
+            return await waiter is _TIMED_OUT
+        finally:
+            setattr(self._protocol, slot, None)
+            if timer is not None:
+                timer.cancel()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _resolve(self._protocol.read_waiter)
+        _resolve(self._protocol.write_waiter)
+        # As anyio does: close (flushing what is buffered; for TLS, start the
+        # close_notify), give the loop one pass to do it, then abort, so the
+        # socket is closed when this returns even if the peer stopped reading.
+        transport = self._transport
+        transport.close()
+        try:
+            await asyncio.sleep(0)
+        finally:
+            transport.abort()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            with anyio.fail_after(timeout):
+                transport = await loop.start_tls(
+                    self._transport,
+                    self._protocol,
+                    ssl_context,
+                    server_hostname=server_hostname,
+                )
+        except BaseException as exc:
+            self._closed = True
+            self._transport.abort()
+            if isinstance(exc, TimeoutError):
+                raise httpcore.ConnectTimeout("timed out during the TLS handshake") from exc
+            if isinstance(exc, (OSError, ssl.SSLError)):
+                raise httpcore.ConnectError(str(exc) or repr(exc)) from exc
+            raise
+        if transport is None:  # pragma: no cover - start_tls returns None only if closed
+            raise httpcore.ConnectError("the connection closed during the TLS handshake")
+        assert isinstance(transport, asyncio.Transport)
+        self._protocol.transport = transport
+        return AsyncioStream(transport, self._protocol)
+
+    def get_extra_info(self, info: str) -> Any:
+        transport = self._transport
+        if info == "is_readable":
+            # Readable (for an idle connection: the server closed it or sent
+            # something unexpected) if anything arrived, or is waiting in the
+            # socket before the event loop has seen it.
+            protocol = self._protocol
+            if protocol.chunks or protocol.eof or self._closed:
+                return True
+            return is_socket_readable(transport.get_extra_info("socket"))
+        if info == "ssl_object":
+            return transport.get_extra_info("ssl_object")
+        if info == "client_addr":
+            return transport.get_extra_info("sockname")
+        if info == "server_addr":
+            return transport.get_extra_info("peername")
+        if info == "socket":
+            return transport.get_extra_info("socket")
+        return None
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """Connect with :class:`AsyncioStream` under asyncio, with ``fallback`` otherwise."""
+
+    def __init__(self, fallback: httpcore.AsyncNetworkBackend) -> None:
+        self._fallback = fallback
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        if sniffio.current_async_library() != "asyncio":
+            return await self._fallback.connect_tcp(
+                host,
+                port,
+                timeout=timeout,
+                local_address=local_address,
+                socket_options=socket_options,
+            )
+        loop = asyncio.get_running_loop()
+
+        async def open_connection() -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+            sock = await _open_socket(loop, host, port, local_address)
+            try:
+                return await loop.create_connection(_Protocol, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+
+        return await _connect(open_connection, timeout, socket_options)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        if sniffio.current_async_library() != "asyncio":
+            return await self._fallback.connect_unix_socket(
+                path, timeout=timeout, socket_options=socket_options
+            )
+        loop = asyncio.get_running_loop()
+        return await _connect(
+            lambda: loop.create_unix_connection(_Protocol, path), timeout, socket_options
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+
+def _interleave(infos: list[Any]) -> list[Any]:
+    """Alternate address families, the resolver's first family first (RFC 8305)."""
+    by_family: dict[int, list[Any]] = {}
+    for info in infos:
+        by_family.setdefault(info[0], []).append(info)
+    queues = list(by_family.values())
+    ordered = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered
+
+
+async def _connect_one(
+    loop: asyncio.AbstractEventLoop, info: Any, local_address: str | None
+) -> socket.socket:
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        if local_address is not None:
+            sock.bind((local_address, 0))
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _open_socket(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, local_address: str | None
+) -> socket.socket:
+    """Connect a socket to ``host``, trying its addresses with happy eyeballs.
+
+    As ``anyio.connect_tcp``: a new attempt starts every 250 ms until one
+    connects; the others are cancelled, and a socket that connects after the
+    winner is closed. Not asyncio's ``happy_eyeballs_delay``: its attempts run
+    in tasks of their own, and a socket can outlive a cancelled connect there,
+    over the socket ceiling (a property test caught it).
+    """
+    infos = _interleave(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    if not infos:  # pragma: no cover - getaddrinfo raises rather than return nothing
+        raise OSError(f"no address for {host!r}")
+    if len(infos) == 1:
+        return await _connect_one(loop, infos[0], local_address)
+    winner: socket.socket | None = None
+    errors: list[OSError] = []
+
+    async def attempt(info: Any, done: anyio.Event) -> None:
+        nonlocal winner
+        try:
+            sock = await _connect_one(loop, info, local_address)
+        except OSError as exc:
+            errors.append(exc)
+            return
+        finally:
+            done.set()
+        if winner is None:
+            winner = sock
+            group.cancel_scope.cancel()
+        else:
+            sock.close()
+
+    try:
+        async with anyio.create_task_group() as group:
+            for info in infos:
+                done = anyio.Event()
+                group.start_soon(attempt, info, done)
+                with anyio.move_on_after(_HAPPY_EYEBALLS_DELAY):
+                    await done.wait()
+    except BaseException:
+        if winner is not None:
+            winner.close()
+        raise
+    if winner is None:
+        raise OSError(f"all connection attempts to {host!r} failed: {errors}")
+    return winner
+
+
+async def _connect(
+    open_connection: Any,
+    timeout: float | None,
+    socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
+) -> AsyncioStream:
+    try:
+        with anyio.fail_after(timeout):
+            transport, protocol = await open_connection()
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout("timed out while connecting") from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc) or repr(exc)) from exc
+    try:
+        if socket_options:
+            sock = transport.get_extra_info("socket")
+            for option in socket_options:
+                sock.setsockopt(*option)
+    except BaseException as exc:
+        transport.abort()
+        if isinstance(exc, OSError):
+            raise httpcore.ConnectError(str(exc) or repr(exc)) from exc
+        raise
+    return AsyncioStream(transport, protocol)
