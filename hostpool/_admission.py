@@ -173,6 +173,7 @@ class Admission:
         self._peak_partitions = 0
         self._drop_hooks: list[DropHook] = []
         self._rebind_hooks: list[Callable[[], None]] = []
+        self._shrink_hooks: list[Callable[[], None]] = []
         self._loop: object | None = None
         # The bound loop's clock (anyio's clock, looked up once): see _clock_of.
         self._clock: Callable[[], float] = anyio.current_time
@@ -184,10 +185,14 @@ class Admission:
 
     # -- partitions ----------------------------------------------------------
 
-    def add_hooks(self, on_drop: DropHook, on_rebind: Callable[[], None]) -> None:
-        """Register a pool layer: told of dropped partitions and of a change of event loop."""
+    def add_hooks(
+        self, on_drop: DropHook, on_rebind: Callable[[], None], on_shrink: Callable[[], None]
+    ) -> None:
+        """Register a pool layer: told of dropped partitions, a change of event loop,
+        and a crowd of partitions gone (time to give back the memory of its tables)."""
         self._drop_hooks.append(on_drop)
         self._rebind_hooks.append(on_rebind)
+        self._shrink_hooks.append(on_shrink)
 
     def partitions(self) -> Iterator[Partition]:
         """Iterate over the live partitions."""
@@ -254,6 +259,9 @@ class Admission:
         self._quiet = OrderedDict(self._quiet)
         self._peak_partitions = live
         self.partitioner.shrink(live)
+        self.ledger.compact()
+        for hook in self._shrink_hooks:
+            hook()
 
     def _drop(self, partition: Partition) -> None:
         # Runs without an await from check to removal, so no request can be

@@ -122,6 +122,11 @@ class SocketLedger:
         retired, self.retired = self.retired, []
         return retired
 
+    def compact(self) -> None:
+        """Rebuild the idle tables at their present size (dicts never shrink on their own)."""
+        self.idle = OrderedDict(self.idle)
+        self._expires = dict(self._expires)
+
     def closed(self, count: int = 1) -> None:
         """Record that ``count`` counted sockets were closed."""
         self.open -= count

@@ -73,37 +73,53 @@ class WaitSummary:
 class WaitHistogram:
     """A bounded, O(1)-per-sample histogram of wait times.
 
-    Buckets are kept sparse (a dict of the buckets seen), so a partition whose
-    requests never wait costs one entry, not a full array: it matters for a
-    crawler with thousands of partitions.
+    Buckets are kept sparse, so a partition whose requests never wait costs
+    one counter and no dict at all (most partitions of a crawler): waits
+    below the first bucket's bound are counted in ``zero``, the rest in a
+    dict created on the first real wait.
     """
 
-    __slots__ = ("buckets", "count", "max", "total")
+    __slots__ = ("_waits", "count", "max", "total", "zero")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, int] = {}
+        self._waits: dict[int, int] | None = None
+        self.zero = 0
         self.count = 0
         self.total = 0.0
         self.max = 0.0
 
+    @property
+    def buckets(self) -> dict[int, int]:
+        """Samples per bucket index (a new dict; bucket 0 holds waits below 10 µs)."""
+        out = {0: self.zero} if self.zero else {}
+        if self._waits:
+            out.update(self._waits)
+        return out
+
     def record(self, seconds: float) -> None:
         """Add one wait of ``seconds``."""
-        if seconds < _BASE:
-            index = 0
-        else:
-            index = min(_BUCKETS - 1, int(math.log(seconds / _BASE) / _LOG_GROWTH) + 1)
-        buckets = self.buckets
-        buckets[index] = buckets.get(index, 0) + 1
         self.count += 1
         self.total += seconds
         if seconds > self.max:
             self.max = seconds
+        if seconds < _BASE:
+            self.zero += 1
+            return
+        index = min(_BUCKETS - 1, int(math.log(seconds / _BASE) / _LOG_GROWTH) + 1)
+        waits = self._waits
+        if waits is None:
+            waits = self._waits = {}
+        waits[index] = waits.get(index, 0) + 1
 
     def merge(self, other: WaitHistogram) -> None:
         """Add every sample of ``other`` to this histogram."""
-        buckets = self.buckets
-        for i, n in other.buckets.items():
-            buckets[i] = buckets.get(i, 0) + n
+        self.zero += other.zero
+        if other._waits:
+            waits = self._waits
+            if waits is None:
+                waits = self._waits = {}
+            for i, n in other._waits.items():
+                waits[i] = waits.get(i, 0) + n
         self.count += other.count
         self.total += other.total
         self.max = max(self.max, other.max)

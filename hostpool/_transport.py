@@ -30,7 +30,7 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         # Response bodies not closed yet: aclose() closes them, so closing the
         # router gives back every slot even if a caller abandoned a stream.
         self._open: set[_ReleasingStream] = set()
-        admission.add_hooks(self._on_drop, self._on_rebind)
+        admission.add_hooks(self._on_drop, self._on_rebind, self._on_shrink)
 
     def _on_drop(self, key: str) -> None:
         """A partition was dropped after its idle timeout."""
@@ -38,6 +38,16 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
     def _on_rebind(self) -> None:
         """The router moved to another event loop: forget what belonged to the old one."""
         self._open.clear()
+
+    def _on_shrink(self) -> None:
+        """Most partitions are gone: rebuild tables sized for the crowd at its peak.
+
+        The set of open bodies is shared with the streams (they remove
+        themselves), so it is emptied in place, which frees its table, and
+        only when it is empty.
+        """
+        if not self._open:
+            self._open.clear()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         admission = self._admission
@@ -144,6 +154,10 @@ class PartitionedTransport(AdmissionTransport):
         transport = self._pools.pop(key, None)
         if transport is not None:
             transport.pool.retire()
+
+    def _on_shrink(self) -> None:
+        super()._on_shrink()
+        self._pools = dict(self._pools)
 
     def _on_rebind(self) -> None:
         # The connections belong to an event loop we no longer run in: they
