@@ -35,6 +35,8 @@ The contract kept, as httpcore's anyio backend keeps it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import socket
 import ssl
 from collections.abc import Iterable
@@ -76,6 +78,7 @@ class _Protocol(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.error: BaseException | None = None
+        self.tls = False
         self.reading_paused = False
         self.writing_paused = False
         self.read_waiter: asyncio.Future[Any] | None = None
@@ -101,7 +104,8 @@ class _Protocol(asyncio.Protocol):
         # still being written. The stream closes the transport in aclose().
         self.eof = True
         _resolve(self.read_waiter)
-        return True
+        # asyncio's TLS transport ignores the answer and logs a warning for True.
+        return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -183,10 +187,17 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._closed = True
         _resolve(self._protocol.read_waiter)
         _resolve(self._protocol.write_waiter)
-        # As anyio does: close (flushing what is buffered; for TLS, start the
-        # close_notify), give the loop one pass to do it, then abort, so the
-        # socket is closed when this returns even if the peer stopped reading.
+        # Shut the socket down now, before anything else runs: the ledger has
+        # already counted it closed, and the transport only closes the file
+        # descriptor on a later loop pass, by which time another request may
+        # have connected (the peer would see both at once, one over the
+        # socket ceiling). Then, as anyio does: close, give the loop one pass,
+        # abort, so the descriptor is gone when this returns.
         transport = self._transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         transport.close()
         try:
             await asyncio.sleep(0)
@@ -199,23 +210,34 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        protocol = self._protocol
+        if self._closed or protocol.lost or self._transport.is_closing():
+            # asyncio would write its ClientHello into the dead transport and
+            # wait for an answer until the timeout.
+            self._closed = True
+            self._transport.abort()
+            raise httpcore.ConnectError("the connection closed before the TLS handshake")
         loop = asyncio.get_running_loop()
+        protocol.tls = True
+        transport = None
         try:
-            with anyio.fail_after(timeout):
+            with anyio.move_on_after(timeout) as scope:
                 transport = await loop.start_tls(
                     self._transport,
-                    self._protocol,
+                    protocol,
                     ssl_context,
                     server_hostname=server_hostname,
                 )
         except BaseException as exc:
             self._closed = True
             self._transport.abort()
-            if isinstance(exc, TimeoutError):
-                raise httpcore.ConnectTimeout("timed out during the TLS handshake") from exc
-            if isinstance(exc, (OSError, ssl.SSLError)):
+            if isinstance(exc, OSError):  # ssl.SSLError included
                 raise httpcore.ConnectError(str(exc) or repr(exc)) from exc
             raise
+        if scope.cancelled_caught:
+            self._closed = True
+            self._transport.abort()
+            raise httpcore.ConnectTimeout("timed out during the TLS handshake")
         if transport is None:  # pragma: no cover - start_tls returns None only if closed
             raise httpcore.ConnectError("the connection closed during the TLS handshake")
         assert isinstance(transport, asyncio.Transport)
@@ -296,6 +318,23 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await anyio.sleep(seconds)
 
 
+def _literal(host: str, port: int) -> list[Any] | None:
+    """The address of an IP literal without a resolver call, or None for a name.
+
+    ``loop.getaddrinfo`` runs in the default executor even for ``127.0.0.1``,
+    so a busy executor would delay every connect (anyio skips it too).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id:
+            return None  # fe80::1%eth0: let the resolver work out the scope
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+
+
 def _interleave(infos: list[Any]) -> list[Any]:
     """Alternate address families, the resolver's first family first (RFC 8305)."""
     by_family: dict[int, list[Any]] = {}
@@ -337,7 +376,9 @@ async def _open_socket(
     in tasks of their own, and a socket can outlive a cancelled connect there,
     over the socket ceiling (a property test caught it).
     """
-    infos = _interleave(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    infos = _literal(host, port)
+    if infos is None:
+        infos = _interleave(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
     if not infos:  # pragma: no cover - getaddrinfo raises rather than return nothing
         raise OSError(f"no address for {host!r}")
     if len(infos) == 1:
@@ -381,13 +422,19 @@ async def _connect(
     timeout: float | None,
     socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
 ) -> AsyncioStream:
+    # Our timeout is ConnectTimeout; any OSError, the kernel's own ETIMEDOUT
+    # included, is ConnectError (as with httpcore's anyio backend).
+    opened = None
     try:
-        with anyio.fail_after(timeout):
-            transport, protocol = await open_connection()
-    except TimeoutError as exc:
-        raise httpcore.ConnectTimeout("timed out while connecting") from exc
+        with anyio.move_on_after(timeout) as scope:
+            opened = await open_connection()
     except OSError as exc:
         raise httpcore.ConnectError(str(exc) or repr(exc)) from exc
+    if opened is None or scope.cancelled_caught:
+        if opened is not None:  # pragma: no cover - connected as the deadline passed
+            opened[0].abort()
+        raise httpcore.ConnectTimeout("timed out while connecting")
+    transport, protocol = opened
     try:
         if socket_options:
             sock = transport.get_extra_info("socket")

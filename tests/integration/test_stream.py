@@ -11,22 +11,34 @@ it too.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import errno
 import hashlib
 import os
 import socket
 import socketserver
+import ssl
+import struct
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpcore
 import httpx
 import pytest
+from httpcore._backends.auto import AutoBackend
 from upstream import Upstream, expected_bytes, refused_address, stalled_listener
 
 from hostpool import HostRouter
-from hostpool._stream import _READ_HIGH_WATER, AsyncioStream, _open_socket
+from hostpool._stream import (
+    _READ_HIGH_WATER,
+    AsyncioBackend,
+    AsyncioStream,
+    _literal,
+    _open_socket,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -233,3 +245,78 @@ async def test_a_unix_socket_transport_connects_through_its_path(
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- connect and TLS failures (asyncio: the stream's own paths) ------------------
+
+
+def _asyncio_only(anyio_backend: str) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("hostpool's stream connects under asyncio only")
+
+
+async def test_a_reset_before_the_tls_handshake_fails_at_once(anyio_backend: str) -> None:
+    _asyncio_only(anyio_backend)
+    backend = AsyncioBackend(AutoBackend())
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        stream = await backend.connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
+        assert isinstance(stream, AsyncioStream)
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        with anyio.fail_after(5):
+            while not stream._protocol.lost:
+                await anyio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(httpcore.ConnectError):
+            await stream.start_tls(ssl.create_default_context(), "localhost", timeout=3)
+        assert time.monotonic() - started < 1.0
+
+
+async def test_connecting_to_an_ip_address_needs_no_resolver_thread(
+    upstream: Upstream, anyio_backend: str
+) -> None:
+    # loop.getaddrinfo runs in the default executor even for 127.0.0.1: an
+    # application that keeps that executor busy must still get connections.
+    _asyncio_only(anyio_backend)
+    loop = asyncio.get_running_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(executor)
+    busy = loop.run_in_executor(None, time.sleep, 2.0)
+    try:
+        async with HostRouter(timeout=httpx.Timeout(5.0, connect=0.5)) as router:
+            assert (await router.get(upstream.url(H1, "/ok"))).text == "ok"
+    finally:
+        await busy
+
+
+def test_ip_literals_are_recognised_and_names_are_left_to_the_resolver() -> None:
+    assert _literal("127.0.0.2", 80) == [
+        (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.2", 80))
+    ]
+    assert _literal("::1", 443) == [
+        (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", 443, 0, 0))
+    ]
+    assert _literal("api.example.com", 443) is None
+    assert _literal("fe80::1%lo", 443) is None
+
+
+async def test_the_kernels_connect_timeout_is_a_connect_error_not_ours(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ETIMEDOUT (SYN retries exhausted) is an OSError like a refusal; only
+    # our own deadline is a ConnectTimeout, as with httpcore's anyio backend.
+    _asyncio_only(anyio_backend)
+    loop = asyncio.get_running_loop()
+
+    async def sock_connect(sock: socket.socket, address: Any) -> None:
+        raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(loop, "sock_connect", sock_connect)
+    backend = AsyncioBackend(AutoBackend())
+    with pytest.raises(httpcore.ConnectError):
+        await backend.connect_tcp("127.0.0.1", 9, timeout=5)
+    with stalled_listener("127.0.0.1", fill=True) as (host, port):
+        monkeypatch.undo()
+        with pytest.raises(httpcore.ConnectTimeout):
+            await backend.connect_tcp(host, port, timeout=0.2)

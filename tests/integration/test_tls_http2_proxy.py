@@ -9,6 +9,7 @@ flight per host) and socket ceiling on top. The TLS upstream and the proxy
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -446,3 +447,30 @@ async def test_a_mounted_proxy_transport_keeps_the_hosts_quota(
     assert upstream.stats(H2).peak_in_flight == 2
     assert proxy.stats().forwarded == 5
     assert proxy.stats().peak_forwarded_in_flight == 2
+
+
+async def test_tls_connections_closed_by_either_side_log_nothing(
+    tls: TestTLS, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncio's TLS transport warns when a protocol asks to keep its half
+    # open after the peer's EOF; the stream must not ask that of it.
+    caplog.set_level(logging.WARNING)
+    async with tls_router(tls, http2=False) as router:
+        with TLSUpstream.start(tls) as server:
+            response = await router.get(server.url(H1, "/ok"))
+            stream = response.extensions["network_stream"]
+            assert isinstance(stream, AsyncioStream) == (anyio_backend == "asyncio")
+        # The server has shut down: its close reaches the idle connection.
+        with anyio.fail_after(5):
+            while not stream.get_extra_info("is_readable"):
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.05)
+    # And the client closing its side: a cancelled exchange, then an idle connection.
+    with TLSUpstream.start(tls) as server:
+        async with tls_router(tls, http2=False) as router:
+            with anyio.move_on_after(0.2):
+                await router.get(server.url(H1, "/hold?key=k"))
+            await router.get(server.url(H1, "/ok"))
+        server.release_all()
+        await anyio.sleep(0.05)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
