@@ -203,6 +203,8 @@ def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
         ("scheduler", "independent_of_counts"): "4 · independent of partitions and waiters",
         ("footprint", "mock_rss_back_within_10pct"): "5 · RSS back after sweep (100k, mock)",
         ("footprint", "real_rss_back_within_10pct"): "5 · RSS back after sweep (real sockets)",
+        ("footprint", "mock_second_crawl_reuses_memory"): "5 · second crawl reuses it (mock)",
+        ("footprint", "real_second_crawl_reuses_memory"): "5 · second crawl reuses it (real)",
         ("footprint", "mock_heap_back_within_10pct"): "5 · Python heap back (100k, mock)",
         ("footprint", "real_heap_back_within_10pct"): "5 · Python heap back (real sockets)",
         ("footprint", "partitions_dropped"): "5 · idle partitions dropped",
@@ -452,6 +454,11 @@ def _section_scheduler(data: dict[str, Any], lines: list[str]) -> None:
     lines += _table(["shape", "waiters", *[f"P={p:,}" for p in parts]], rows)
 
 
+def _arenas(points: dict[str, Any]) -> str:
+    counts = [points.get(name, {}).get("arenas") for name in ("start", "after", "after2")]
+    return " → ".join(f"{c:,}" for c in counts if c is not None) or "n/a"
+
+
 def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
     s = data["settings"]
     lines += [
@@ -465,7 +472,8 @@ def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
         "`mock_traced`: a smaller mock run under tracemalloc, to show what stays allocated. "
         f"`partition_idle_timeout={s['footprint_idle']}`; every partition holds an open response "
         "while the others are touched (so all are live at once), then all are read; after the "
-        "timeout one more request runs the sweep. Memory after `gc.collect()`.",
+        "timeout one more request runs the sweep. Then (`mock`, `real`) a second crawl over as "
+        "many new partitions, swept the same way. Memory after `gc.collect()`.",
         "",
     ]
     rows = []
@@ -481,14 +489,19 @@ def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
                 _mib(p["idle"]["rss"]),
                 _mib(p["after"]["rss"]),
                 _ratio(run["rss_after_vs_start"]),
+                _mib(p.get("after2", {}).get("rss")),
+                _ratio(run.get("rss_after2_vs_after")),
+                _arenas(p),
                 _mib(p.get("after_cache_clear", {}).get("rss")),
                 _mib(p.get("after_trim", {}).get("rss")),
             ]
         )
     lines += [
-        "RSS at each phase. The last two columns are diagnostics, not the target: RSS "
-        "after also clearing the partitioner's host → key cache (a private attribute), "
-        "then after glibc's `malloc_trim(0)`.",
+        "RSS at each phase. *after 2nd crawl*: after the second crawl's sweep; "
+        "*pymalloc arenas*: CPython's 1 MiB small-object arenas allocated at the start, "
+        "after the first sweep and after the second. The last two columns are diagnostics, "
+        "not targets: RSS after also clearing the partitioner's host → key cache (a private "
+        "attribute), then after glibc's `malloc_trim(0)`.",
         "",
     ]
     lines += _table(
@@ -501,6 +514,9 @@ def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
             "idle",
             "after sweep",
             "after / start",
+            "after 2nd crawl",
+            "2nd / 1st",
+            "pymalloc arenas",
             "+ key cache cleared",
             "+ malloc_trim",
         ],
