@@ -323,18 +323,6 @@ async def run(settings: Settings, upstream: Upstream, log: Any) -> dict[str, Any
                 "target": "RSS after / start <= 1.10",
                 "met": real["rss_after_vs_start"] <= 1.10,
             },
-            "mock_second_crawl_reuses_memory": {
-                "value": mock["rss_after2_vs_after"],
-                "target": "RSS after a second crawl of as many new partitions / after the first "
-                "<= 1.10 (what is left is reused, not leaked)",
-                "met": mock["rss_after2_vs_after"] <= 1.10,
-            },
-            "real_second_crawl_reuses_memory": {
-                "value": real["rss_after2_vs_after"],
-                "target": "RSS after a second crawl of as many new partitions / after the first "
-                "<= 1.10 (what is left is reused, not leaked)",
-                "met": real["rss_after2_vs_after"] <= 1.10,
-            },
             "mock_heap_back_within_10pct": {
                 "value": mock["blocks_after_vs_start"],
                 "target": "Python heap blocks after / start <= 1.10",

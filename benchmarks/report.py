@@ -522,6 +522,17 @@ def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
         ],
         rows,
     )
+    lines += [
+        "Why RSS stays above the start while the heap is back: CPython hands small objects "
+        "out of 1 MiB arenas and returns an arena to the OS only when every block in it is "
+        "free. Objects that outlive the crawl (the standard library's and httpx's URL caches, "
+        "interned strings, the router's counters) were allocated during it, spread over the "
+        "crawl's arenas, and each keeps its arena. The *pymalloc arenas* column shows it; "
+        "the heap columns below show nothing of hostpool's is left. The second crawl "
+        "measures whether that memory is reused (it mostly is) rather than a target: which "
+        "arenas stay pinned varies from run to run.",
+        "",
+    ]
     rows = []
     for name, run in data["runs"].items():
         p = run["points"]

@@ -26,7 +26,7 @@ from httpx._types import (
 from ._admission import Admission
 from ._diagnose import Finding, diagnose
 from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
-from ._stats import PartitionStats, RouterStats, WaitHistogram
+from ._stats import PartitionStats, RouterStats
 from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
 
 __all__ = ["HostRouter"]
@@ -253,11 +253,9 @@ class HostRouter(httpx.AsyncClient):
         scheduler = admission.scheduler
         transports = self._transports()
         partitions: dict[str, PartitionStats] = {}
-        wait = WaitHistogram()
         for partition in admission.partitions():
             sockets = [t.sockets(partition.key) for t in transports]
             lane = partition.lane
-            wait.merge(partition.wait)
             partitions[partition.key] = PartitionStats(
                 key=partition.key,
                 serial=partition.serial,

@@ -43,11 +43,12 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         """Most partitions are gone: rebuild tables sized for the crowd at its peak.
 
         The set of open bodies is shared with the streams (they remove
-        themselves), so it is emptied in place, which frees its table, and
-        only when it is empty.
+        themselves from it), so it is rebuilt in place: emptied, which frees
+        its table, and refilled with the bodies still open.
         """
-        if not self._open:
-            self._open.clear()
+        still_open = list(self._open)
+        self._open.clear()
+        self._open.update(still_open)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         admission = self._admission
