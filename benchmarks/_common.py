@@ -41,7 +41,7 @@ class Settings:
 
     # throughput
     concurrency: tuple[int, ...] = (1, 10, 50, 200)
-    trial_seconds: float = 1.0
+    trial_seconds: float = 2.0
     # isolation
     flood: int = 200
     flood_delay_ms: int = 500
@@ -51,8 +51,8 @@ class Settings:
     # many hosts
     partitions: tuple[int, ...] = (1, 10, 100, 1000)
     many_concurrency: int = 50
-    many_trial_seconds: float = 1.0
-    many_repeats: int = 3
+    many_trial_seconds: float = 2.0
+    many_repeats: int = 5
     # scheduler
     sched_partitions: tuple[int, ...] = (1, 100, 10_000)
     sched_waiters: tuple[int, ...] = (0, 100, 10_000)
