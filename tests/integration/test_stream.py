@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import os
 import socket
 import socketserver
-import ssl
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,22 +256,49 @@ def _asyncio_only(anyio_backend: str) -> None:
         pytest.skip("hostpool's stream connects under asyncio only")
 
 
-async def test_a_reset_before_the_tls_handshake_fails_at_once(anyio_backend: str) -> None:
-    _asyncio_only(anyio_backend)
-    backend = AsyncioBackend(AutoBackend())
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        stream = await backend.connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
-        assert isinstance(stream, AsyncioStream)
-        peer, _ = listener.accept()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        peer.close()  # RST
-        with anyio.fail_after(5):
-            while not stream._protocol.lost:
-                await anyio.sleep(0.01)
-        started = time.monotonic()
-        with pytest.raises(httpcore.ConnectError):
-            await stream.start_tls(ssl.create_default_context(), "localhost", timeout=3)
-        assert time.monotonic() - started < 1.0
+@contextlib.contextmanager
+def resetting_listener() -> Iterator[int]:
+    """Yield the port of a listener that resets every connection 50 ms after accepting it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                peer, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            time.sleep(0.05)  # the client's connect has completed by then
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()  # RST
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+async def test_a_reset_before_the_tls_handshake_fails_at_once() -> None:
+    # Something may await between the TCP connect and the TLS handshake (an
+    # async trace hook here); a reset arriving then must fail the request at
+    # once, not after the connect timeout.
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            await anyio.sleep(0.2)
+
+    with resetting_listener() as port:
+        async with HostRouter(timeout=httpx.Timeout(5.0, connect=3.0)) as router:
+            started = time.monotonic()
+            with pytest.raises(httpx.ConnectError):
+                await router.get(f"https://127.0.0.1:{port}/", extensions={"trace": trace})
+            assert time.monotonic() - started < 2.0
+            assert quiet(router)
+            assert router.stats().sockets_open == 0
 
 
 async def test_connecting_to_an_ip_address_needs_no_resolver_thread(
