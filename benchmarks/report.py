@@ -203,8 +203,6 @@ def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
         ("scheduler", "independent_of_counts"): "4 · independent of partitions and waiters",
         ("footprint", "mock_rss_back_within_10pct"): "5 · RSS back after sweep (100k, mock)",
         ("footprint", "real_rss_back_within_10pct"): "5 · RSS back after sweep (real sockets)",
-        ("footprint", "mock_second_crawl_reuses_memory"): "5 · second crawl reuses it (mock)",
-        ("footprint", "real_second_crawl_reuses_memory"): "5 · second crawl reuses it (real)",
         ("footprint", "mock_heap_back_within_10pct"): "5 · Python heap back (100k, mock)",
         ("footprint", "real_heap_back_within_10pct"): "5 · Python heap back (real sockets)",
         ("footprint", "partitions_dropped"): "5 · idle partitions dropped",
@@ -500,8 +498,9 @@ def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
         "RSS at each phase. *after 2nd crawl*: after the second crawl's sweep; "
         "*pymalloc arenas*: CPython's 1 MiB small-object arenas allocated at the start, "
         "after the first sweep and after the second. The last two columns are diagnostics, "
-        "not targets: RSS after also clearing the partitioner's host → key cache (a private "
-        "attribute), then after glibc's `malloc_trim(0)`.",
+        "not targets, taken after the last sweep (the second crawl's, where there is one): "
+        "RSS after also clearing the partitioner's host → key cache (a private attribute), "
+        "then after glibc's `malloc_trim(0)`.",
         "",
     ]
     lines += _table(
@@ -554,7 +553,7 @@ def _section_footprint(data: dict[str, Any], lines: list[str]) -> None:
     lines += [
         "Python heap: per idle partition (RSS, allocated blocks, and tracemalloc bytes "
         "where traced), blocks and gc-tracked objects before and after, entries left in the "
-        "key cache after the sweep, live partitions before and after the sweep.",
+        "key cache after the last sweep, live partitions before and after the first sweep.",
         "",
     ]
     lines += _table(

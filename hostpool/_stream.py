@@ -4,7 +4,8 @@ Under asyncio, httpcore talks to sockets through anyio: every read and write
 opens a ``fail_after`` cancel scope and a resource guard, every write yields
 to the event loop once before sending, and a read that finds nothing buffered
 resumes the transport's reading, waits, and pauses it again (two ``epoll_ctl``
-calls). That layer is about a fifth of a request's CPU. :class:`AsyncioStream`
+calls). That layer was about a fifth of a request's CPU in cProfile.
+:class:`AsyncioStream`
 implements the same ``httpcore.AsyncNetworkStream`` contract on an
 ``asyncio.Protocol`` that reads eagerly into a bounded buffer, waits on a bare
 future, and arms a timer only when it has to wait.
@@ -13,7 +14,9 @@ Used for direct connections under asyncio only: under trio, and for proxied
 connections (HTTPS proxies need TLS inside TLS, which asyncio only supports
 from Python 3.11), the pool keeps httpcore's own backend.
 
-The contract kept, as httpcore's anyio backend keeps it:
+The contract kept, as httpcore's anyio backend keeps it, with one
+difference: asyncio caps a TLS handshake at 60 s (``ssl_handshake_timeout``)
+even when ``timeout`` is None or longer, ending in ``ConnectError``.
 
 - ``read`` returns at most ``max_bytes``; ``b""`` once the peer closed
   cleanly; raises ``ReadTimeout`` when nothing arrives within ``timeout``
@@ -21,9 +24,15 @@ The contract kept, as httpcore's anyio backend keeps it:
 - ``write`` sends everything or raises ``WriteError``; it waits (bounded by
   ``timeout``: ``WriteTimeout``) only while the transport's buffer is above
   its high-water mark.
-- ``connect_tcp``/``start_tls`` map failures to ``ConnectError`` and
-  ``ConnectTimeout``, and never leave a socket open when they fail or are
-  cancelled.
+- ``connect_tcp``/``start_tls`` raise ``ConnectTimeout`` only when their own
+  ``timeout`` runs out; any ``OSError`` (the kernel's ETIMEDOUT and TLS
+  errors included) is ``ConnectError``, and so is ``start_tls`` on a
+  connection that has already closed, at once. They never leave a socket
+  open when they fail or are cancelled. IP literals are connected without
+  the resolver (``loop.getaddrinfo`` runs in the default executor); names go
+  through happy eyeballs (:func:`_open_socket`).
+- ``aclose`` shuts the socket down before it first yields: the socket
+  ledger counts a socket closed as soon as it decides to close it (G2).
 - Cancellation (an anyio cancel scope, or ``Task.cancel``) interrupts any
   wait and leaves the stream consistent: the waiter is cleared, no timer is
   left armed.
