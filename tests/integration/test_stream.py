@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import errno
 import hashlib
 import os
@@ -21,7 +20,6 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,42 +254,35 @@ def _asyncio_only(anyio_backend: str) -> None:
         pytest.skip("hostpool's stream connects under asyncio only")
 
 
-@contextlib.contextmanager
-def resetting_listener() -> Iterator[int]:
-    """Yield the port of a listener that resets every connection 50 ms after accepting it."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                peer, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            time.sleep(0.05)  # the client's connect has completed by then
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            peer.close()  # RST
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
-
-
 async def test_a_reset_before_the_tls_handshake_fails_at_once() -> None:
     # Something may await between the TCP connect and the TLS handshake (an
-    # async trace hook here); a reset arriving then must fail the request at
-    # once, not after the connect timeout.
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        if event == "connection.connect_tcp.complete":
-            await anyio.sleep(0.2)
+    # async trace hook here). The server resets the connection in that gap,
+    # and the hook waits until the client has seen it; the handshake must then
+    # fail the request at once, not after the connect timeout.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
 
-    with resetting_listener() as port:
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            if event != "connection.connect_tcp.complete":
+                return
+            peer, _ = listener.accept()  # connected, so already in the backlog
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()  # RST
+            stream = info["return_value"]
+
+            def seen() -> bool:
+                # hostpool's stream: once the event loop has closed the
+                # transport (the state that used to hang); httpcore's: once
+                # the socket shows the reset.
+                if isinstance(stream, AsyncioStream):
+                    return stream._protocol.lost
+                return bool(stream.get_extra_info("is_readable"))
+
+            with anyio.fail_after(5):
+                while not seen():
+                    await anyio.sleep(0.005)
+
+        port = listener.getsockname()[1]
         async with HostRouter(timeout=httpx.Timeout(5.0, connect=3.0)) as router:
             started = time.monotonic()
             with pytest.raises(httpx.ConnectError):
@@ -310,11 +301,13 @@ async def test_connecting_to_an_ip_address_needs_no_resolver_thread(
     loop = asyncio.get_running_loop()
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     loop.set_default_executor(executor)
-    busy = loop.run_in_executor(None, time.sleep, 2.0)
+    release = threading.Event()
+    busy = loop.run_in_executor(None, release.wait, 10.0)  # the executor's only thread
     try:
         async with HostRouter(timeout=httpx.Timeout(5.0, connect=0.5)) as router:
             assert (await router.get(upstream.url(H1, "/ok"))).text == "ok"
     finally:
+        release.set()
         await busy
 
 
