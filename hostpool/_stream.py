@@ -46,15 +46,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import select
 import socket
 import ssl
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpcore
 import sniffio
-from httpcore._utils import is_socket_readable
 
 __all__ = ["AsyncioBackend", "AsyncioStream"]
 
@@ -68,6 +68,23 @@ _TIMED_OUT = object()
 
 # anyio.connect_tcp's default delay between happy-eyeballs attempts (RFC 6555).
 _HAPPY_EYEBALLS_DELAY = 0.25
+
+
+def _socket_readable(sock: Any) -> bool:
+    """Tell whether a socket has something to read (or an error) without blocking.
+
+    Only ``fileno()`` is used, which asyncio's and uvloop's socket objects
+    both offer. A socket we cannot look at counts as readable, so an idle
+    connection in doubt is not reused.
+    """
+    fileno = -1 if sock is None else sock.fileno()
+    if fileno < 0:
+        return True
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        return bool(select.select([fileno], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _resolve(waiter: asyncio.Future[Any] | None, value: object = None) -> None:
@@ -94,8 +111,9 @@ class _Protocol(asyncio.Protocol):
         self.write_waiter: asyncio.Future[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports implement
+        # asyncio.Transport's methods without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -196,17 +214,16 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._closed = True
         _resolve(self._protocol.read_waiter)
         _resolve(self._protocol.write_waiter)
-        # Shut the socket down now, before anything else runs: the ledger has
-        # already counted it closed, and the transport only closes the file
-        # descriptor on a later loop pass, by which time another request may
-        # have connected (the peer would see both at once, one over the
-        # socket ceiling). Then, as anyio does: close, give the loop one pass,
-        # abort, so the descriptor is gone when this returns.
+        # As anyio's SocketStream does, through the transport alone (uvloop's
+        # socket object refuses shutdown()): half-close first, which asyncio's
+        # own loop sends at once, before anything else runs (the ledger has
+        # already counted this socket closed, and the peer should see it go
+        # before another request's connect); then close, give the loop the
+        # pass in which it closes the descriptor, and abort whatever is left.
         transport = self._transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        if not transport.is_closing() and transport.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write_eof()
         transport.close()
         try:
             await asyncio.sleep(0)
@@ -249,9 +266,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectTimeout("timed out during the TLS handshake")
         if transport is None:  # pragma: no cover - start_tls returns None only if closed
             raise httpcore.ConnectError("the connection closed during the TLS handshake")
-        assert isinstance(transport, asyncio.Transport)
-        self._protocol.transport = transport
-        return AsyncioStream(transport, self._protocol)
+        tls_transport = cast(asyncio.Transport, transport)
+        self._protocol.transport = tls_transport
+        return AsyncioStream(tls_transport, self._protocol)
 
     def get_extra_info(self, info: str) -> Any:
         transport = self._transport
@@ -262,7 +279,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             protocol = self._protocol
             if protocol.chunks or protocol.eof or self._closed:
                 return True
-            return is_socket_readable(transport.get_extra_info("socket"))
+            return _socket_readable(transport.get_extra_info("socket"))
         if info == "ssl_object":
             return transport.get_extra_info("ssl_object")
         if info == "client_addr":

@@ -5,8 +5,10 @@ Fixtures here never depend on ``hostpool`` itself.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -37,10 +39,29 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """Run every ``@pytest.mark.anyio`` test under both asyncio and trio."""
-    return str(request.param)
+_UVLOOP_MISSING = importlib.util.find_spec("uvloop") is None
+
+#: The three event loops every async test runs on: asyncio's default loop,
+#: asyncio on uvloop (what ``uvicorn[standard]`` runs in production) and trio.
+ASYNC_BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(_UVLOOP_MISSING, reason="uvloop has no wheel here"),
+    ),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+@pytest.fixture(params=ASYNC_BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """Run every ``@pytest.mark.anyio`` test on asyncio, asyncio on uvloop, and trio.
+
+    Tests that need the library's name ask for anyio's ``anyio_backend_name``.
+    """
+    name, options = request.param
+    return name, dict(options)
 
 
 # --------------------------------------------------------------------------

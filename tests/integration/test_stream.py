@@ -47,10 +47,10 @@ H1, H2 = "127.0.0.1", "127.0.0.2"
 _MAX_SOCKET_READ = 256 * 1024
 
 
-def is_ours(stream: object, anyio_backend: str) -> bool:
+def is_ours(stream: object, anyio_backend_name: str) -> bool:
     """Tell whether ``stream`` is hostpool's, and check it is exactly when it should be."""
     ours = isinstance(stream, AsyncioStream)
-    assert ours == (anyio_backend == "asyncio")
+    assert ours == (anyio_backend_name == "asyncio")
     return ours
 
 
@@ -60,12 +60,12 @@ def quiet(router: HostRouter) -> bool:
 
 
 async def test_direct_connections_report_addresses_and_liveness(
-    upstream: Upstream, anyio_backend: str
+    upstream: Upstream, anyio_backend_name: str
 ) -> None:
     async with HostRouter() as router:
         response = await router.get(upstream.url(H2, "/ok"))
         stream = response.extensions["network_stream"]
-        is_ours(stream, anyio_backend)
+        is_ours(stream, anyio_backend_name)
         port = upstream.ports(H2)[0]
         assert stream.get_extra_info("server_addr")[:2] == (H2, port)
         assert stream.get_extra_info("client_addr")[0] == "127.0.0.1"
@@ -84,7 +84,7 @@ async def test_direct_connections_report_addresses_and_liveness(
 
 
 async def test_a_large_body_read_slowly_keeps_the_read_buffer_bounded(
-    upstream: Upstream, anyio_backend: str
+    upstream: Upstream, anyio_backend_name: str
 ) -> None:
     n = 8 * 1024 * 1024
     peak, paused = 0, False
@@ -92,7 +92,7 @@ async def test_a_large_body_read_slowly_keeps_the_read_buffer_bounded(
     async with HostRouter() as router:
         async with router.stream("GET", upstream.url(H1, f"/bytes?n={n}&chunk=65536")) as r:
             stream = r.extensions["network_stream"]
-            ours = is_ours(stream, anyio_backend)
+            ours = is_ours(stream, anyio_backend_name)
             async for chunk in r.aiter_raw():
                 body += chunk
                 if ours:
@@ -145,7 +145,7 @@ async def test_a_read_timeout_is_raised_and_the_socket_closed(upstream: Upstream
 
 
 async def test_socket_options_and_local_address_of_the_transport_apply(
-    upstream: Upstream, anyio_backend: str
+    upstream: Upstream, anyio_backend_name: str
 ) -> None:
     transport = httpx.AsyncHTTPTransport(
         local_address="127.0.0.3",
@@ -155,7 +155,7 @@ async def test_socket_options_and_local_address_of_the_transport_apply(
         response = await router.get(upstream.url(H1, "/echo"))
         assert response.json()["client"]["addr"] == "127.0.0.3"
         stream = response.extensions["network_stream"]
-        is_ours(stream, anyio_backend)
+        is_ours(stream, anyio_backend_name)
         sock = stream.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
 
@@ -163,10 +163,18 @@ async def test_socket_options_and_local_address_of_the_transport_apply(
 # -- happy eyeballs (asyncio: trio's connect is httpcore's) ---------------------
 
 
-def _fake_resolver(addresses: list[tuple[str, int]]) -> Any:
-    """A resolver that answers every name with ``addresses`` (real sockets behind them)."""
+def _fake_resolver(loop: Any, addresses: list[tuple[str, int]]) -> Any:
+    """A resolver that answers ``example.test`` with ``addresses`` (real sockets behind them).
+
+    Every other name (and every IP literal) goes to the loop's own resolver:
+    uvloop's ``sock_connect`` resolves the address it is given through
+    ``loop.getaddrinfo`` too.
+    """
+    real = loop.getaddrinfo
 
     async def getaddrinfo(host: str, port: int, **kwargs: Any) -> list[Any]:
+        if host != "example.test":
+            return list(await real(host, port, **kwargs))
         return [
             (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)
             for address in addresses
@@ -176,14 +184,14 @@ def _fake_resolver(addresses: list[tuple[str, int]]) -> Any:
 
 
 async def test_happy_eyeballs_skips_an_address_that_hangs(
-    upstream: Upstream, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    upstream: Upstream, anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if anyio_backend != "asyncio":
+    if anyio_backend_name != "asyncio":
         pytest.skip("hostpool's stream connects under asyncio only")
     loop = asyncio.get_running_loop()
     good = (H2, upstream.ports(H2)[0])
     with stalled_listener("127.0.0.1", fill=True) as stalled:
-        monkeypatch.setattr(loop, "getaddrinfo", _fake_resolver([stalled, good]))
+        monkeypatch.setattr(loop, "getaddrinfo", _fake_resolver(loop, [stalled, good]))
         started = time.monotonic()
         with anyio.fail_after(5):
             sock = await _open_socket(loop, "example.test", 80, None)
@@ -198,13 +206,13 @@ async def test_happy_eyeballs_skips_an_address_that_hangs(
 
 
 async def test_happy_eyeballs_reports_every_failed_address(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if anyio_backend != "asyncio":
+    if anyio_backend_name != "asyncio":
         pytest.skip("hostpool's stream connects under asyncio only")
     loop = asyncio.get_running_loop()
     with refused_address("127.0.0.1") as first, refused_address("127.0.0.2") as second:
-        monkeypatch.setattr(loop, "getaddrinfo", _fake_resolver([first, second]))
+        monkeypatch.setattr(loop, "getaddrinfo", _fake_resolver(loop, [first, second]))
         with pytest.raises(OSError, match="all connection attempts"):
             await _open_socket(loop, "example.test", 80, None)
 
@@ -224,7 +232,7 @@ class _UnixHandler(socketserver.StreamRequestHandler):
 
 
 async def test_a_unix_socket_transport_connects_through_its_path(
-    tmp_path: Path, anyio_backend: str
+    tmp_path: Path, anyio_backend_name: str
 ) -> None:
     path = str(tmp_path / "upstream.sock")
     server = socketserver.ThreadingUnixStreamServer(path, _UnixHandler)
@@ -238,7 +246,7 @@ async def test_a_unix_socket_transport_connects_through_its_path(
             second = await router.get("http://unix.test/two")
             assert (first.text, second.text) == ("ok", "ok")
             stream = second.extensions["network_stream"]
-            is_ours(stream, anyio_backend)
+            is_ours(stream, anyio_backend_name)
             assert stream.get_extra_info("server_addr") == path
             assert router.stats().partitions["unix.test"].connections_opened == 1
     finally:
@@ -249,8 +257,8 @@ async def test_a_unix_socket_transport_connects_through_its_path(
 # -- connect and TLS failures (asyncio: the stream's own paths) ------------------
 
 
-def _asyncio_only(anyio_backend: str) -> None:
-    if anyio_backend != "asyncio":
+def _asyncio_only(anyio_backend_name: str) -> None:
+    if anyio_backend_name != "asyncio":
         pytest.skip("hostpool's stream connects under asyncio only")
 
 
@@ -293,11 +301,11 @@ async def test_a_reset_before_the_tls_handshake_fails_at_once() -> None:
 
 
 async def test_connecting_to_an_ip_address_needs_no_resolver_thread(
-    upstream: Upstream, anyio_backend: str
+    upstream: Upstream, anyio_backend_name: str
 ) -> None:
     # loop.getaddrinfo runs in the default executor even for 127.0.0.1: an
     # application that keeps that executor busy must still get connections.
-    _asyncio_only(anyio_backend)
+    _asyncio_only(anyio_backend_name)
     loop = asyncio.get_running_loop()
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     loop.set_default_executor(executor)
@@ -323,11 +331,11 @@ def test_ip_literals_are_recognised_and_names_are_left_to_the_resolver() -> None
 
 
 async def test_the_kernels_connect_timeout_is_a_connect_error_not_ours(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # ETIMEDOUT (SYN retries exhausted) is an OSError like a refusal; only
     # our own deadline is a ConnectTimeout, as with httpcore's anyio backend.
-    _asyncio_only(anyio_backend)
+    _asyncio_only(anyio_backend_name)
     loop = asyncio.get_running_loop()
 
     async def sock_connect(sock: socket.socket, address: Any) -> None:

@@ -88,13 +88,13 @@ def versions(results: list[httpx.Response | Exception]) -> set[object]:
 
 
 async def test_https_get_over_http1_verifies_the_server_with_the_given_ssl_context(
-    tls: TestTLS, tls_upstream: TLSUpstream, anyio_backend: str
+    tls: TestTLS, tls_upstream: TLSUpstream, anyio_backend_name: str
 ) -> None:
     async with tls_router(tls, http2=False) as router:
         response = await router.get(tls_upstream.url(H1, "/ok"))
     # Direct connections run on hostpool's asyncio stream (TLS by asyncio's start_tls).
     stream = response.extensions["network_stream"]
-    assert isinstance(stream, AsyncioStream) == (anyio_backend == "asyncio")
+    assert isinstance(stream, AsyncioStream) == (anyio_backend_name == "asyncio")
     assert stream.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
     assert response.status_code == 200
     assert response.text == "ok"
@@ -104,12 +104,12 @@ async def test_https_get_over_http1_verifies_the_server_with_the_given_ssl_conte
 
 
 async def test_https_get_with_http2_enabled_negotiates_h2(
-    tls: TestTLS, tls_upstream: TLSUpstream, anyio_backend: str
+    tls: TestTLS, tls_upstream: TLSUpstream, anyio_backend_name: str
 ) -> None:
     async with tls_router(tls, http2=True) as router:
         response = await router.get(tls_upstream.url(H1, "/ok"))
         stream = response.extensions["network_stream"]
-        assert isinstance(stream, AsyncioStream) == (anyio_backend == "asyncio")
+        assert isinstance(stream, AsyncioStream) == (anyio_backend_name == "asyncio")
         assert stream.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
         assert response.status_code == 200
         assert response.http_version == "HTTP/2"
@@ -450,7 +450,7 @@ async def test_a_mounted_proxy_transport_keeps_the_hosts_quota(
 
 
 async def test_tls_connections_closed_by_either_side_log_nothing(
-    tls: TestTLS, anyio_backend: str, caplog: pytest.LogCaptureFixture
+    tls: TestTLS, anyio_backend_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # asyncio's TLS transport warns when a protocol asks to keep its half
     # open after the peer's EOF; the stream must not ask that of it.
@@ -459,7 +459,7 @@ async def test_tls_connections_closed_by_either_side_log_nothing(
         with TLSUpstream.start(tls) as server:
             response = await router.get(server.url(H1, "/ok"))
             stream = response.extensions["network_stream"]
-            assert isinstance(stream, AsyncioStream) == (anyio_backend == "asyncio")
+            assert isinstance(stream, AsyncioStream) == (anyio_backend_name == "asyncio")
 
         # The server has shut down: wait until its close has reached the idle
         # connection (for hostpool's stream: eof_received has run, which is
