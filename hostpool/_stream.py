@@ -266,9 +266,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectTimeout("timed out during the TLS handshake")
         if transport is None:  # pragma: no cover - start_tls returns None only if closed
             raise httpcore.ConnectError("the connection closed during the TLS handshake")
-        tls_transport = cast(asyncio.Transport, transport)
-        self._protocol.transport = tls_transport
-        return AsyncioStream(tls_transport, self._protocol)
+        # Typed asyncio.Transport; uvloop's is not one, but has its methods.
+        self._protocol.transport = transport
+        return AsyncioStream(transport, self._protocol)
 
     def get_extra_info(self, info: str) -> Any:
         transport = self._transport
