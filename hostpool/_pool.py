@@ -39,9 +39,8 @@ from typing import Any
 import anyio
 import httpcore
 from httpcore import AsyncConnectionInterface, Origin
-from httpcore._backends.auto import AutoBackend
-from httpcore._synchronization import AsyncLock
 
+from ._compat import keepalive_expiry, tune_direct_connection
 from ._errors import RouterClosed
 from ._ledger import SocketLedger
 from ._stream import AsyncioBackend
@@ -71,42 +70,6 @@ async def close_connections(conns: Iterable[AsyncConnectionInterface]) -> None:
                 logger.debug("error closing %r", conn, exc_info=True)
 
 
-class _UncontendedLock(AsyncLock):
-    """httpcore's lock, minus the scheduling round-trip when nobody holds it.
-
-    ``AsyncHTTPConnection`` takes its ``_request_lock`` around the connect
-    step of every request, even on a connection that is long connected. On
-    asyncio that lock is ``anyio.Lock()``, whose acquire always yields to the
-    event loop once; ``anyio.Lock(fast_acquire=True)`` is the same lock
-    without that yield when it is free. Mutual exclusion is unchanged (a
-    second request on a connecting HTTP/2 connection still waits for the
-    first), and the request has other cancellation points right after (the
-    socket send). One loop pass per request is ~4% of a sequential request's
-    CPU (benchmarks: throughput at concurrency 1). Trio keeps its own lock.
-    """
-
-    def setup(self) -> None:
-        super().setup()
-        if self._backend == "asyncio":
-            self._anyio_lock = anyio.Lock(fast_acquire=True)
-
-
-def _prepare(conn: AsyncConnectionInterface) -> None:
-    """Tune a new direct ``AsyncHTTPConnection``: our asyncio stream, an uncontended lock.
-
-    Only the exact httpcore class whose internals we know, with httpcore's
-    default backend; proxy connections and anything else are left alone.
-    """
-    if type(conn) is not httpcore.AsyncHTTPConnection:
-        return
-    backend = getattr(conn, "_network_backend", None)
-    if type(backend) is AutoBackend:
-        conn._network_backend = AsyncioBackend(backend)
-    lock = getattr(conn, "_request_lock", None)
-    if type(lock) is AsyncLock and not lock._backend:
-        conn._request_lock = _UncontendedLock()
-
-
 class PartitionPool:
     """The connections of one partition: the pool ``httpx.AsyncHTTPTransport`` talks to.
 
@@ -128,8 +91,8 @@ class PartitionPool:
         self._keepalive = keepalive
         # httpcore's own setting (httpx's limits.keepalive_expiry), for the
         # ledger's cheap clock-based sweep of idle sockets.
-        expiry = getattr(factory, "_keepalive_expiry", None)
-        self._expiry = math.inf if expiry is None else float(expiry)
+        expiry = keepalive_expiry(factory)
+        self._expiry = math.inf if expiry is None else expiry
         # Idle connections per origin, most recently used last.
         self._idle: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
         # Idle connections of this partition, least recently used first.
@@ -293,7 +256,7 @@ class PartitionPool:
             except BaseException:
                 self._ledger.closed()
                 raise
-            _prepare(conn)
+            tune_direct_connection(conn, AsyncioBackend)
             # True when HTTP/2 is possible (https, http2=True): let concurrent
             # requests wait on this connection rather than open their own.
             return conn, conn.is_available(), True

@@ -2,42 +2,40 @@
 
 from __future__ import annotations
 
-import datetime
 import ssl
-import time
 import warnings
-import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any
 
 import httpx
-from httpx._client import EventHook
-from httpx._types import (
+
+from ._admission import Admission
+from ._compat import DEFAULT_LIMITS, ClientSeams
+from ._diagnose import Finding, diagnose
+from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
+from ._stats import PartitionStats, RouterStats
+from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
+from ._types import (
     AuthTypes,
     CertTypes,
     CookieTypes,
+    EventHook,
     HeaderTypes,
     ProxyTypes,
     QueryParamTypes,
     TimeoutTypes,
 )
 
-from ._admission import Admission
-from ._diagnose import Finding, diagnose
-from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
-from ._stats import PartitionStats, RouterStats
-from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
-
 __all__ = ["HostRouter"]
 
 _UNBOUNDED = 1_000_000
 
-#: httpx's own default: 100 sockets, 20 of them idle.
-DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+#: httpx's own defaults (tests/test_compat.py checks that they still agree).
+DEFAULT_TIMEOUT = httpx.Timeout(timeout=5.0)
+DEFAULT_MAX_REDIRECTS = 20
 
 
-class HostRouter(httpx.AsyncClient):
+class HostRouter(ClientSeams):
     """An ``httpx.AsyncClient`` that isolates upstream hosts from one another.
 
     Every request is routed to a *partition* (by default its hostname) with
@@ -91,9 +89,9 @@ class HostRouter(httpx.AsyncClient):
         http1: bool = True,
         http2: bool = False,
         proxy: ProxyTypes | None = None,
-        timeout: TimeoutTypes = httpx._config.DEFAULT_TIMEOUT_CONFIG,
+        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         follow_redirects: bool = False,
-        max_redirects: int = httpx._config.DEFAULT_MAX_REDIRECTS,
+        max_redirects: int = DEFAULT_MAX_REDIRECTS,
         event_hooks: Mapping[str, list[EventHook]] | None = None,
         base_url: httpx.URL | str = "",
         trust_env: bool = True,
@@ -137,10 +135,16 @@ class HostRouter(httpx.AsyncClient):
             partition_idle_timeout=float(partition_idle_timeout),
         )
         self._hp_limits = limits
+        if mounts is not None:
+            # Wrapped here, so that AsyncClient keeps them in its own order.
+            mounts = {
+                pattern: None if inner is None else self._hp_wrap(inner)
+                for pattern, inner in mounts.items()
+            }
         super().__init__(
             limits=limits,
             transport=transport,
-            mounts=None,
+            mounts=mounts,
             auth=auth,
             params=params,
             headers=headers,
@@ -158,25 +162,12 @@ class HostRouter(httpx.AsyncClient):
             trust_env=trust_env,
             default_encoding=default_encoding,
         )
-        if mounts is not None:
-            for pattern, inner in mounts.items():
-                self._mounts[httpx._utils.URLPattern(pattern)] = (
-                    None if inner is None else self._wrap(inner)
-                )
-            self._mounts = dict(sorted(self._mounts.items()))
 
-    # -- the response path ---------------------------------------------------
+    def _hp_wrap(self, transport: httpx.AsyncBaseTransport) -> AdmissionTransport:
+        """Put admission in front of a transport (``transport=``, a mount, a proxy).
 
-    async def _send_single_request(self, request: httpx.Request) -> httpx.Response:
-        response = await super()._send_single_request(request)
-        stream = response.stream
-        if type(stream) is httpx._client.BoundAsyncStream:
-            response.stream = _TimedStream(stream._stream, response, stream._start)
-        return response
-
-    # -- transport construction (called by httpx.AsyncClient.__init__) -------
-
-    def _wrap(self, transport: httpx.AsyncBaseTransport) -> AdmissionTransport:
+        Called by AsyncClient's constructor for the transports it builds.
+        """
         if isinstance(transport, AdmissionTransport):
             return transport
         if type(transport) is httpx.AsyncHTTPTransport:
@@ -184,48 +175,6 @@ class HostRouter(httpx.AsyncClient):
             # keep its settings, partition its pool.
             return PartitionedTransport(self._hp_admission, transport)
         return AdmittedTransport(self._hp_admission, transport)
-
-    def _init_transport(
-        self,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: Any = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> httpx.AsyncBaseTransport:
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(
-                verify=verify,
-                cert=cert,
-                trust_env=trust_env,
-                http1=http1,
-                http2=http2,
-                limits=limits,
-            )
-        return self._wrap(transport)
-
-    def _init_proxy_transport(
-        self,
-        proxy: httpx.Proxy,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: Any = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-    ) -> httpx.AsyncBaseTransport:
-        factory = httpx.AsyncHTTPTransport(
-            verify=verify,
-            cert=cert,
-            trust_env=trust_env,
-            http1=http1,
-            http2=http2,
-            limits=limits,
-            proxy=proxy,
-        )
-        return self._wrap(factory)
 
     # -- public API -----------------------------------------------------------
 
@@ -244,8 +193,7 @@ class HostRouter(httpx.AsyncClient):
         return self._hp_table.lookup(name).quota
 
     def _transports(self) -> list[AdmissionTransport]:
-        found = [self._transport, *self._mounts.values()]
-        return [t for t in found if isinstance(t, AdmissionTransport)]
+        return [t for t in self._hp_transports() if isinstance(t, AdmissionTransport)]
 
     def stats(self) -> RouterStats:
         """Return an immutable snapshot of the router and of every live partition."""
@@ -357,33 +305,3 @@ def _check_domain_keys(table: QuotaTable, partitioner: Partitioner) -> None:
                 f"quota key {name!r} never matches with partition_by='domain': "
                 f"partitions are registrable domains, so use {domain!r}"
             )
-
-
-class _TimedStream(httpx.AsyncByteStream):
-    """httpx's ``BoundAsyncStream``, without the reference cycle.
-
-    httpx binds each response body to its response (to set
-    ``response.elapsed`` when the body is closed) with a strong reference
-    both ways, so every response is cyclic garbage: only the cycle collector
-    frees it, and at one response per request that is a gen-0 collection
-    every few dozen requests (~10 us per request at concurrency 1,
-    benchmarks: throughput). The same behaviour with a weak back-reference
-    lets reference counting free a response as soon as it is dropped.
-    """
-
-    __slots__ = ("_response", "_start", "_stream")
-
-    def __init__(self, stream: httpx.AsyncByteStream, response: httpx.Response, start: float):
-        self._stream = stream
-        self._response = weakref.ref(response)
-        self._start = start
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        response = self._response()
-        if response is not None:
-            response.elapsed = datetime.timedelta(seconds=time.perf_counter() - self._start)
-        await self._stream.aclose()

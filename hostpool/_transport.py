@@ -11,10 +11,12 @@ every redirect hop is routed by its own host.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from types import TracebackType
 
 import httpx
 
 from ._admission import Admission, Partition
+from ._compat import is_mocked, transport_pool
 from ._errors import RouterClosed
 from ._pool import PartitionPool, close_connections
 from ._scheduler import Ticket
@@ -23,12 +25,19 @@ __all__ = ["AdmissionTransport", "AdmittedTransport", "PartitionedTransport"]
 
 
 class AdmissionTransport(httpx.AsyncBaseTransport):
-    """Base: admission around ``_send``; the slot is held until the body is closed."""
+    """Base: admission around ``_send``; the slot is held until the body is closed.
 
-    def __init__(self, admission: Admission) -> None:
+    ``inner`` is the transport it wraps. Its lifecycle is the client's, as
+    httpx runs it: ``async with router`` enters ``inner`` and on exit passes
+    it the exception info (respx's ``assert_all_called`` runs there);
+    ``router.aclose()`` closes it.
+    """
+
+    def __init__(self, admission: Admission, inner: httpx.AsyncBaseTransport) -> None:
         self._admission = admission
-        # Response bodies not closed yet: aclose() closes them, so closing the
-        # router gives back every slot even if a caller abandoned a stream.
+        self.inner = inner
+        # Response bodies not closed yet: closing the router closes them, so
+        # every slot comes back even if a caller abandoned a stream.
         self._open: set[_ReleasingStream] = set()
         admission.add_hooks(self._on_drop, self._on_rebind, self._on_shrink)
 
@@ -83,35 +92,38 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         return response
 
     async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
-        raise NotImplementedError
+        return await self.inner.handle_async_request(request)
 
     def sockets(self, key: str) -> tuple[int, int, int, int]:
         """Return ``(open, idle, opened, evictions)`` for a partition's pool here."""
         return (0, 0, 0, 0)
 
-    async def aclose(self) -> None:
+    async def _close_own(self) -> None:
+        """Close what this layer holds: fail waiters, close open bodies (slots back)."""
         self._admission.close()
         for stream in list(self._open):
             await stream.aclose()
 
-
-class AdmittedTransport(AdmissionTransport):
-    """Admission in front of a user-supplied transport (shared by all partitions)."""
-
-    def __init__(self, admission: Admission, inner: httpx.AsyncBaseTransport) -> None:
-        super().__init__(admission)
-        self.inner = inner
-
-    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
-        return await self.inner.handle_async_request(request)
-
-    async def __aenter__(self) -> AdmittedTransport:
+    async def __aenter__(self) -> AdmissionTransport:
         await self.inner.__aenter__()
         return self
 
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self._close_own()
+        await self.inner.__aexit__(exc_type, exc_value, traceback)
+
     async def aclose(self) -> None:
-        await super().aclose()
+        await self._close_own()
         await self.inner.aclose()
+
+
+class AdmittedTransport(AdmissionTransport):
+    """Admission in front of a user-supplied transport (shared by all partitions)."""
 
 
 class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
@@ -129,22 +141,33 @@ class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
 
 
 class PartitionedTransport(AdmissionTransport):
-    """Admission plus one connection pool per partition, under one socket ledger."""
+    """Admission plus one connection pool per partition, under one socket ledger.
 
-    def __init__(self, admission: Admission, factory: httpx.AsyncHTTPTransport) -> None:
-        super().__init__(admission)
-        self._factory = factory
+    ``inner`` is a plain ``httpx.AsyncHTTPTransport``: its httpcore pool makes
+    the connections (with its TLS, proxy, retries and socket options), the
+    partition pools keep them. While a mocking library (respx, pytest-httpx)
+    has patched httpx's or httpcore's classes, requests go through ``inner``
+    itself, so that the mock sees them exactly as with ``httpx.AsyncClient``.
+    """
+
+    inner: httpx.AsyncHTTPTransport
+
+    def __init__(self, admission: Admission, inner: httpx.AsyncHTTPTransport) -> None:
+        super().__init__(admission, inner)
+        self._factory = transport_pool(inner)
         self._pools: dict[str, _PartitionHTTPTransport] = {}
         self._closed = False
 
     async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RouterClosed("the HostRouter has been closed")
+        if is_mocked(self.inner, self._factory):
+            return await self.inner.handle_async_request(request)
         transport = self._pools.get(partition.key)
         if transport is None:
             pool = PartitionPool(
                 partition.key,
-                self._factory._pool,
+                self._factory,
                 self._admission.ledger,
                 partition.entry.quota.keepalive,
             )
@@ -174,17 +197,15 @@ class PartitionedTransport(AdmissionTransport):
         pool = transport.pool
         return (pool.sockets_open, pool.sockets_idle, pool.opened, pool.evictions)
 
-    async def aclose(self) -> None:
+    async def _close_own(self) -> None:
         self._closed = True
-        await super().aclose()
+        await super()._close_own()
         ledger = self._admission.ledger
         retired = ledger.take_retired()
         await close_connections(retired)
         ledger.closed(len(retired))
-        pools = list(self._pools.values())
-        for transport in pools:
+        for transport in list(self._pools.values()):
             await transport.aclose()
-        await self._factory.aclose()
 
 
 class _ReleasingStream(httpx.AsyncByteStream):

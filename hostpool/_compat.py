@@ -1,0 +1,263 @@
+"""Every use of httpx's and httpcore's internals, in one place.
+
+hostpool is an ``httpx.AsyncClient`` whose pooling is its own, and a few of
+the seams it needs are not public API. They are all here, each with what it
+is for and what happens when a release moves it, so that an upgrade is
+reviewed in one file; ``tests/test_compat.py`` checks every one of them and
+names the symbol that moved. No other module of hostpool touches a private
+name of httpx or httpcore.
+
+Pinned to the minor versions tested: httpx 0.28, httpcore 1.0 (pyproject.toml).
+
+=============================================  =====================================
+Internal                                       Used for
+=============================================  =====================================
+``AsyncClient._init_transport``                 building the router's transports from
+``AsyncClient._init_proxy_transport``           AsyncClient's own arguments (proxies,
+                                                ``trust_env``) -- :class:`ClientSeams`
+``AsyncClient._send_single_request``            response bodies without a reference
+``httpx._client.BoundAsyncStream``              cycle -- :class:`ClientSeams`
+``AsyncClient._transport`` / ``._mounts``       the router's transports, for stats
+``AsyncHTTPTransport._pool``                    the httpcore pool a transport was built
+                                                with: makes connections with the user's
+                                                TLS, proxy, retries, socket options
+``AsyncConnectionPool._keepalive_expiry``       httpx's ``keepalive_expiry``, for the
+                                                idle sweep
+``AsyncHTTPConnection._network_backend``        hostpool's asyncio stream on direct
+``httpcore._backends.auto.AutoBackend``         connections (when httpcore's default
+                                                backend is in use)
+``AsyncHTTPConnection._request_lock``           a lock without a loop pass when free
+``httpcore._synchronization.AsyncLock``
+=============================================  =====================================
+
+Every helper degrades to httpx's own behaviour when the shape it expects is
+not there (a renamed attribute, a different class): slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import httpcore
+import httpx
+from httpcore._backends.auto import AutoBackend
+from httpcore._synchronization import AsyncLock
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ClientSeams",
+    "is_mocked",
+    "keepalive_expiry",
+    "transport_pool",
+    "tune_direct_connection",
+]
+
+
+# -- the transport's pool ------------------------------------------------------
+
+
+def transport_pool(transport: httpx.AsyncHTTPTransport) -> httpcore.AsyncConnectionPool:
+    """Return the httpcore pool an ``httpx.AsyncHTTPTransport`` was built with.
+
+    hostpool never sends through it: it calls its public ``create_connection``
+    so that connections carry exactly the transport's settings.
+    """
+    pool = getattr(transport, "_pool", None)
+    if not isinstance(pool, httpcore.AsyncConnectionPool):
+        raise TypeError(
+            "hostpool cannot find the connection pool of httpx.AsyncHTTPTransport "
+            "(httpx.AsyncHTTPTransport._pool): this httpx release is not supported"
+        )
+    return pool
+
+
+def keepalive_expiry(pool: httpcore.AsyncConnectionPool) -> float | None:
+    """Return the pool's ``keepalive_expiry`` (httpx's ``Limits.keepalive_expiry``)."""
+    expiry = getattr(pool, "_keepalive_expiry", None)
+    return None if expiry is None else float(expiry)
+
+
+# -- mocking libraries ---------------------------------------------------------
+
+# The methods as httpx and httpcore define them. respx patches the pool classes'
+# handle_async_request, pytest-httpx patches AsyncHTTPTransport's; either way
+# the class attribute is no longer the function captured here.
+_GENUINE_TRANSPORT_SEND = httpx.AsyncHTTPTransport.handle_async_request
+_GENUINE_POOL_SEND: dict[type[Any], Any] = {
+    cls: cls.handle_async_request
+    for cls in (httpcore.AsyncConnectionPool, httpcore.AsyncHTTPProxy, httpcore.AsyncSOCKSProxy)
+}
+
+
+def is_mocked(transport: httpx.AsyncHTTPTransport, pool: httpcore.AsyncConnectionPool) -> bool:
+    """Tell whether a mocking library has patched the classes this transport sends through.
+
+    Then the request must go through ``transport`` itself, as it would with
+    ``httpx.AsyncClient``, so that the mock sees the same request (proxied
+    requests keep their target URL and proxy URL). Admission still applies.
+    """
+    if httpx.AsyncHTTPTransport.handle_async_request is not _GENUINE_TRANSPORT_SEND:
+        return True
+    genuine = _GENUINE_POOL_SEND.get(type(pool))
+    return genuine is not None and type(pool).handle_async_request is not genuine
+
+
+# -- direct connections ----------------------------------------------------------
+
+
+class _UncontendedLock(AsyncLock):
+    """httpcore's lock, minus the scheduling round-trip when nobody holds it.
+
+    ``AsyncHTTPConnection`` takes its ``_request_lock`` around the connect
+    step of every request, even on a connection that is long connected. On
+    asyncio that lock is ``anyio.Lock()``, whose acquire always yields to the
+    event loop once; ``anyio.Lock(fast_acquire=True)`` is the same lock
+    without that yield when it is free. Mutual exclusion is unchanged (a
+    second request on a connecting HTTP/2 connection still waits for the
+    first), and the request has other cancellation points right after (the
+    socket send). One loop pass per request is ~4% of a sequential request's
+    CPU (benchmarks: throughput at concurrency 1). Trio keeps its own lock.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        if self._backend == "asyncio":
+            self._anyio_lock = anyio.Lock(fast_acquire=True)
+
+
+def tune_direct_connection(
+    conn: httpcore.AsyncConnectionInterface,
+    backend: Callable[[httpcore.AsyncNetworkBackend], httpcore.AsyncNetworkBackend],
+) -> None:
+    """Give a new direct ``AsyncHTTPConnection`` hostpool's backend and an uncontended lock.
+
+    ``backend`` receives httpcore's default backend (its fallback) and returns
+    the one to use. Only the exact httpcore class whose internals are known,
+    with httpcore's default backend; proxy connections, a user's own backend
+    and anything else are left alone.
+    """
+    if type(conn) is not httpcore.AsyncHTTPConnection:
+        return
+    default = getattr(conn, "_network_backend", None)
+    if type(default) is AutoBackend:
+        conn._network_backend = backend(default)
+    lock = getattr(conn, "_request_lock", None)
+    if type(lock) is AsyncLock and not lock._backend:
+        conn._request_lock = _UncontendedLock()
+
+
+# -- httpx.AsyncClient's seams -----------------------------------------------------
+
+
+class _TimedStream(httpx.AsyncByteStream):
+    """httpx's ``BoundAsyncStream``, without the reference cycle.
+
+    httpx binds each response body to its response (to set
+    ``response.elapsed`` when the body is closed) with a strong reference
+    both ways, so every response is cyclic garbage: only the cycle collector
+    frees it, and at one response per request that is a gen-0 collection
+    every few dozen requests (~10 us per request at concurrency 1,
+    benchmarks: throughput). The same behaviour with a weak back-reference
+    lets reference counting free a response as soon as it is dropped.
+    """
+
+    __slots__ = ("_response", "_start", "_stream")
+
+    def __init__(self, stream: httpx.AsyncByteStream, response: httpx.Response, start: float):
+        self._stream = stream
+        self._response = weakref.ref(response)
+        self._start = start
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        response = self._response()
+        if response is not None:
+            response.elapsed = datetime.timedelta(seconds=time.perf_counter() - self._start)
+        await self._stream.aclose()
+
+
+#: httpx's own default: 100 sockets, 20 of them idle.
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+_BoundAsyncStream: type[Any] | None = getattr(
+    getattr(httpx, "_client", None), "BoundAsyncStream", None
+)
+
+
+class ClientSeams(httpx.AsyncClient):
+    """The private hooks of ``httpx.AsyncClient`` that HostRouter fills in.
+
+    ``AsyncClient.__init__`` builds its transport and its proxy mounts
+    through ``_init_transport`` and ``_init_proxy_transport``; both end in
+    :meth:`_hp_wrap`, which a subclass implements. ``_send_single_request``
+    is where httpx binds a response body to its response.
+    """
+
+    def _hp_wrap(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
+        raise NotImplementedError
+
+    def _hp_transports(self) -> list[httpx.AsyncBaseTransport]:
+        """The client's transport and every mounted one, in httpx's order."""
+        mounted = [t for t in self._mounts.values() if t is not None]
+        return [self._transport, *mounted]
+
+    def _init_transport(
+        self,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> httpx.AsyncBaseTransport:
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(
+                verify=verify,
+                cert=cert,
+                trust_env=trust_env,
+                http1=http1,
+                http2=http2,
+                limits=limits,
+            )
+        return self._hp_wrap(transport)
+
+    def _init_proxy_transport(
+        self,
+        proxy: httpx.Proxy,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+    ) -> httpx.AsyncBaseTransport:
+        transport = httpx.AsyncHTTPTransport(
+            verify=verify,
+            cert=cert,
+            trust_env=trust_env,
+            http1=http1,
+            http2=http2,
+            limits=limits,
+            proxy=proxy,
+        )
+        return self._hp_wrap(transport)
+
+    async def _send_single_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super()._send_single_request(request)
+        stream = response.stream
+        if _BoundAsyncStream is not None and type(stream) is _BoundAsyncStream:
+            inner = getattr(stream, "_stream", None)
+            start = getattr(stream, "_start", None)
+            if isinstance(inner, httpx.AsyncByteStream) and isinstance(start, float):
+                response.stream = _TimedStream(inner, response, start)
+        return response
