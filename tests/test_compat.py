@@ -1,0 +1,172 @@
+"""The httpx/httpcore internals hostpool relies on are where hostpool expects them.
+
+Every private name listed in ``hostpool/_compat.py`` has a check here. When a
+new httpx or httpcore release moves one, the failure names it: that is the
+line of ``_compat.py`` to update, and the rest of hostpool is untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pathlib
+import re
+
+import anyio
+import httpcore
+import httpx
+import pytest
+
+import hostpool
+from hostpool import _compat, _router
+
+pytestmark = pytest.mark.anyio
+
+
+def _resolve(dotted: str) -> object:
+    module_name, _, rest = dotted.partition(":")
+    target: object = importlib.import_module(module_name)
+    for part in rest.split(".") if rest else []:
+        assert hasattr(target, part), f"{dotted} is gone: update hostpool/_compat.py"
+        target = getattr(target, part)
+    return target
+
+
+@pytest.mark.parametrize(
+    "dotted",
+    [
+        "httpx:AsyncClient._init_transport",
+        "httpx:AsyncClient._init_proxy_transport",
+        "httpx:AsyncClient._send_single_request",
+        "httpx._client:BoundAsyncStream",
+        "httpcore._backends.auto:AutoBackend",
+        "httpcore._synchronization:AsyncLock",
+        "httpcore._synchronization:AsyncLock.setup",
+    ],
+)
+def test_private_name_still_exists(dotted: str) -> None:
+    _resolve(dotted)
+
+
+@pytest.mark.parametrize(
+    ("method", "arguments"),
+    [
+        (
+            "_init_transport",
+            ["verify", "cert", "trust_env", "http1", "http2", "limits", "transport"],
+        ),
+        (
+            "_init_proxy_transport",
+            ["proxy", "verify", "cert", "trust_env", "http1", "http2", "limits"],
+        ),
+        ("_send_single_request", ["request"]),
+    ],
+)
+def test_async_client_hook_keeps_its_arguments(method: str, arguments: list[str]) -> None:
+    signature = inspect.signature(getattr(httpx.AsyncClient, method))
+    names = [name for name in signature.parameters if name != "self"]
+    assert names == arguments, f"httpx.AsyncClient.{method} changed its arguments: {names}"
+
+
+def test_async_client_keeps_its_transport_and_mounts() -> None:
+    client = httpx.AsyncClient(mounts={"https://x.example": httpx.MockTransport(lambda r: None)})
+    assert isinstance(client._transport, httpx.AsyncBaseTransport), "AsyncClient._transport"
+    assert isinstance(client._mounts, dict), "AsyncClient._mounts"
+
+
+def test_transport_pool_is_reachable() -> None:
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(keepalive_expiry=7.0))
+    pool = _compat.transport_pool(transport)
+    assert isinstance(pool, httpcore.AsyncConnectionPool), "httpx.AsyncHTTPTransport._pool"
+    assert _compat.keepalive_expiry(pool) == 7.0, "httpcore.AsyncConnectionPool._keepalive_expiry"
+
+
+def test_transport_pool_fails_clearly_when_moved() -> None:
+    transport = httpx.AsyncHTTPTransport()
+    del transport._pool
+    with pytest.raises(TypeError, match=r"AsyncHTTPTransport\._pool"):
+        _compat.transport_pool(transport)
+
+
+def test_a_direct_connection_has_the_backend_and_lock_hostpool_tunes() -> None:
+    pool = httpcore.AsyncConnectionPool()
+    conn = pool.create_connection(httpcore.Origin(b"http", b"example.com", 80))
+    assert type(conn) is httpcore.AsyncHTTPConnection
+    backend = getattr(conn, "_network_backend", None)
+    lock = getattr(conn, "_request_lock", None)
+    assert type(backend).__name__ == "AutoBackend", "AsyncHTTPConnection._network_backend"
+    assert type(lock).__name__ == "AsyncLock", "AsyncHTTPConnection._request_lock"
+    seen: list[object] = []
+
+    def backend_factory(default: httpcore.AsyncNetworkBackend) -> httpcore.AsyncNetworkBackend:
+        seen.append(default)
+        return httpcore.AnyIOBackend()
+
+    _compat.tune_direct_connection(conn, backend_factory)
+    assert seen == [backend]
+    assert isinstance(conn._network_backend, httpcore.AnyIOBackend)
+    assert type(conn._request_lock).__name__ == "_UncontendedLock"
+
+
+async def test_the_uncontended_lock_still_excludes(anyio_backend_name: str) -> None:
+    lock = _compat._UncontendedLock()
+    order: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with lock:
+            order.append(f"{name} in")
+            await anyio.sleep(0.01)
+            order.append(f"{name} out")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold, "a")
+        group.start_soon(hold, "b")
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+def test_mocking_is_detected_by_patched_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    transport = httpx.AsyncHTTPTransport()
+    pool = _compat.transport_pool(transport)
+    assert not _compat.is_mocked(transport, pool)
+
+    async def patched(self: object, request: object) -> object:  # pragma: no cover
+        raise AssertionError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(httpcore.AsyncConnectionPool, "handle_async_request", patched)
+        assert _compat.is_mocked(transport, pool)
+    with monkeypatch.context() as patch:
+        patch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", patched)
+        assert _compat.is_mocked(transport, pool)
+    assert not _compat.is_mocked(transport, pool)
+
+
+def test_defaults_agree_with_httpx() -> None:
+    config = importlib.import_module("httpx._config")
+    assert config.DEFAULT_TIMEOUT_CONFIG == _router.DEFAULT_TIMEOUT, "httpx default timeout"
+    assert config.DEFAULT_MAX_REDIRECTS == _router.DEFAULT_MAX_REDIRECTS, "max_redirects"
+    assert config.DEFAULT_LIMITS == _compat.DEFAULT_LIMITS, "httpx default limits"
+
+
+def test_host_router_accepts_every_argument_of_async_client() -> None:
+    ours = inspect.signature(hostpool.HostRouter.__init__).parameters
+    theirs = inspect.signature(httpx.AsyncClient.__init__).parameters
+    missing = set(theirs) - set(ours)
+    assert not missing, f"httpx.AsyncClient has new arguments: {sorted(missing)}"
+    for name, parameter in theirs.items():
+        if name in ("self", "limits"):
+            continue
+        assert ours[name].default == parameter.default, f"default of {name!r} differs"
+
+
+def test_no_module_but_compat_touches_httpx_or_httpcore_internals() -> None:
+    package = pathlib.Path(hostpool.__file__).parent
+    private = re.compile(r"\b(httpx|httpcore)\._[a-z]")
+    offenders = [
+        f"{path.name}:{number}"
+        for path in sorted(package.glob("*.py"))
+        if path.name != "_compat.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert not offenders
