@@ -136,7 +136,7 @@ async def test_stream_closed_late_holds_then_returns_its_slot(upstream: Upstream
         assert await chunks.__anext__()
         # Abandoned for a while: other hosts are fine, this one is at quota.
         await assert_other_host_unaffected(router, upstream)
-        with pytest.raises(httpx.PoolTimeout):
+        with anyio.fail_after(5), pytest.raises(httpx.PoolTimeout):
             await router.get(upstream.url(H1, "/ok"))
         await response.aclose()
         assert (await router.get(upstream.url(H1, "/ok"))).text == "ok"
