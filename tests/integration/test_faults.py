@@ -6,6 +6,7 @@ server's own socket count agree) and the other hosts are unaffected.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -207,3 +208,59 @@ async def test_ten_thousand_distinct_hosts_keep_bounded_state() -> None:
     assert stats.in_flight == 0
     # The host -> key cache shrank with the partitions (G9: bounded memory).
     assert len(router._hp_partitioner._cache) <= 1024 + 2
+
+
+async def test_a_waiter_granted_then_cancelled_before_it_runs_hands_its_slot_on(
+    upstream: Upstream, anyio_backend_name: str
+) -> None:
+    # The race of httpcore#1093 / aiohttp#9670, made deterministic: the only
+    # slot is handed to waiter W by a release, and W is cancelled in the same
+    # instant, before it has run. Its slot must go on to the next waiter X.
+    # Under asyncio the task is cancelled directly (Task.cancel() is seen at
+    # W's very next step, so W's park wakes up both granted and cancelled);
+    # anyio's and trio's cancellation arrive later, after the grant has won,
+    # and W then fails at its next checkpoint holding the slot.
+    quotas = {H1: Quota(max_connections=1, pool_timeout=3.0)}
+    async with HostRouter(quotas=quotas) as router, anyio.create_task_group() as tg:
+        holder = await router.send(
+            router.build_request("GET", upstream.url(H1, "/bytes?n=10")), stream=True
+        )
+        w_scope = anyio.CancelScope()
+        w_task: list[asyncio.Task[Any]] = []
+        outcomes: dict[str, Any] = {}
+
+        async def waiter() -> None:
+            if anyio_backend_name == "asyncio":
+                w_task.append(asyncio.current_task())  # type: ignore[arg-type]
+            try:
+                with w_scope:
+                    response = await router.get(upstream.url(H1, "/ok?who=w"))
+                    outcomes["w"] = response.status_code
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            outcomes.setdefault("w", "cancelled")
+
+        async def next_waiter() -> None:
+            outcomes["x"] = (await router.get(upstream.url(H1, "/ok?who=x"))).status_code
+
+        tg.start_soon(waiter)
+        with anyio.fail_after(5):
+            while router.stats().waiting < 1:
+                await anyio.sleep(0.001)
+        tg.start_soon(next_waiter)
+        with anyio.fail_after(5):
+            while router.stats().waiting < 2:
+                await anyio.sleep(0.001)
+        # No await between the release (the last step of aclose) and the cancel.
+        await holder.aclose()
+        if w_task:
+            w_task[0].cancel()
+        else:
+            w_scope.cancel()
+        with anyio.fail_after(2):  # well within X's 3 s pool timeout
+            while "x" not in outcomes:
+                await anyio.sleep(0.005)
+    assert outcomes == {"w": "cancelled", "x": 200}
+    assert quiet(router)
+    served = [r.target for r in upstream.request_log() if r.target.startswith("/ok")]
+    assert served == ["/ok?who=x"]
