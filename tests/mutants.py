@@ -106,6 +106,13 @@ MUTANTS: list[Mutant] = [
         "if self.shared_used < self.shared_total - 1 and self._ring:",
     ),
     _scheduler(
+        "last-shared-slot",
+        "G4",
+        "a newcomer never gets the last free shared slot",
+        "if group.used < group.reserved or self.shared_used < self.shared_total:",
+        "if group.used < group.reserved or self.shared_used + 1 < self.shared_total:",
+    ),
+    _scheduler(
         "max-pending",
         "G6",
         "one waiter more than max_pending",
@@ -217,6 +224,21 @@ MUTANTS: list[Mutant] = [
             "hostpool/_transport.py",
             "timeout = partition.entry.quota.pool_timeout",
             "timeout = None",
+        ),
+    ),
+    _loopback(
+        "deadline-late",
+        "G6",
+        "waiters time out four times too late",
+        (
+            "hostpool/_admission.py",
+            "deadline = math.inf if patience is None else start + patience",
+            "deadline = math.inf if patience is None else start + patience * 4",
+        ),
+        (
+            "hostpool/_admission.py",
+            "loop.call_at(start + patience, _notify, future)",
+            "loop.call_at(start + patience * 4, _notify, future)",
         ),
     ),
     _loopback(
