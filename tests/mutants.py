@@ -341,12 +341,33 @@ def _run(mutant: Mutant, timeout: float) -> Outcome:
     return Outcome(mutant, True, by, seconds)
 
 
+def _markdown(outcomes: list[Outcome]) -> str:
+    lines = [
+        "# Mutants: the latest run of `python tests/mutants.py`",
+        "",
+        "Each row is a deliberate bug applied to a copy of the repository, and the",
+        "first test that failed because of it (`-x`; the test files run in the",
+        "order of `tests/mutants.py`).",
+        "",
+        "| mutant | guarantee | the bug | result | seconds | killed by |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for o in outcomes:
+        verdict = "killed" if o.killed else "**survived**"
+        m = o.mutant
+        lines.append(
+            f"| `{m.name}` | {m.guarantee} | {m.what} | {verdict} | {o.seconds:.1f} | `{o.by}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="only the scheduler's mutants")
     parser.add_argument("--only", default="", help="comma-separated mutant names")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound per mutant (s)")
+    parser.add_argument("--out", type=Path, help="also write the table here, as Markdown")
     args = parser.parse_args(argv)
     chosen = MUTANTS
     if args.fast:
@@ -371,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row}  {outcome.by}", flush=True)
     survivors = [o.mutant.name for o in outcomes if not o.killed]
     print(f"{len(outcomes) - len(survivors)} killed, {len(survivors)} survived")
+    if args.out is not None:
+        args.out.write_text(_markdown(outcomes))
     if survivors:
         print("survivors: " + ", ".join(survivors))
         return 1
