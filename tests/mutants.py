@@ -6,7 +6,7 @@ script applies it to a temporary copy of the repository, runs the tests
 that should catch it, and reports which test failed first and how long it
 took. A mutant that survives (every test passes) is a hole in the suite.
 
-    python tests/mutants.py              # every mutant (about 5 minutes on 2 cores)
+    python tests/mutants.py              # every mutant (about 4 minutes on 2 cores)
     python tests/mutants.py --fast       # the scheduler's (seconds each): CI runs these
     python tests/mutants.py --only fifo,cap
     python tests/mutants.py --list
