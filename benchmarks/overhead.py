@@ -65,9 +65,7 @@ async def _admission(n: int) -> float:
         url = httpx.URL(URL)
         start = time.perf_counter()
         for _ in range(n):
-            key, name = admission.partitioner(url)
-            partition = admission.partition(key, name)
-            ticket = await admission.acquire(partition, None)
+            ticket = await admission.admit(url, None)
             admission.release(ticket)
         return (time.perf_counter() - start) / n * 1e6
 

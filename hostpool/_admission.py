@@ -1,8 +1,9 @@
 """The anyio layer: turns the scheduler's decisions into waits with deadlines.
 
-It owns the partitions (created on first use, dropped when idle), one
-``anyio.CapacityLimiter`` per partition, and the per-partition counters. It
-never decides who goes next: that is ``_scheduler.Scheduler``'s job.
+It owns the partitions (created on first use, dropped when idle) and, through
+them, everything a partition has: its lane in the scheduler, its counters and
+its connection pools. It never decides who goes next: that is
+``_scheduler.Scheduler``'s job.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import anyio
+import httpx
 import sniffio
 
 from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
 from ._ledger import SocketLedger
+from ._pool import PartitionPool
 from ._quota import Partitioner, QuotaEntry, QuotaTable
 from ._scheduler import Lane, Scheduler, Status, Ticket
 from ._stats import WaitHistogram
@@ -28,18 +32,32 @@ __all__ = ["Admission", "Partition"]
 logger = logging.getLogger("hostpool")
 
 
+class PoolView(Protocol):
+    """One transport's pool for a partition, as ``_transport`` fronts it for httpx."""
+
+    pool: PartitionPool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send a request through the pool (httpx's conversions around it)."""
+
+
 class Partition:
-    """One unit of isolation: its quota, its lane in the scheduler, its limiter, its counters."""
+    """One unit of isolation: its quota, its lane in the scheduler, its pools, its counters.
+
+    ``pools`` holds one pool per transport that sent to the partition (the
+    router's own, a proxy mount, ...), keyed by that transport's connection
+    factory; it goes when the partition goes.
+    """
 
     __slots__ = (
         "entry",
         "key",
         "lane",
-        "limiter",
         "overflows",
         "peak_in_flight",
         "peak_waiting",
         "pool_timeouts",
+        "pools",
         "quiet_since",
         "requests",
         "requests_completed",
@@ -49,17 +67,12 @@ class Partition:
         "wait",
     )
 
-    def __init__(self, key: str, entry: QuotaEntry, lane: Lane, budget: int, serial: int) -> None:
+    def __init__(self, key: str, entry: QuotaEntry, lane: Lane, serial: int) -> None:
         self.key = key
         self.serial = serial
         self.entry = entry
         self.lane = lane
-        # The limiter mirrors the scheduler's count for this partition: a
-        # token is taken for every granted ticket and returned on release.
-        # Acquiring it never blocks (the scheduler only grants below the cap),
-        # so it is a run-time check of G1 and a view users already know from
-        # anyio (``partition.limiter.statistics()``).
-        self.limiter = anyio.CapacityLimiter(min(entry.quota.max_connections, budget))
+        self.pools: dict[object, PoolView] = {}
         self.quiet_since: float | None = None
         self.requests = 0
         self.requests_completed = 0
@@ -71,8 +84,34 @@ class Partition:
         self.reserved_admissions = 0
         self.wait = WaitHistogram()
 
+    @property
+    def sockets_open(self) -> int:
+        """Open sockets of the partition, active and idle, across its pools."""
+        return sum(view.pool.sockets_open for view in self.pools.values())
+
+    @property
+    def sockets_idle(self) -> int:
+        """Idle sockets of the partition across its pools."""
+        return sum(view.pool.sockets_idle for view in self.pools.values())
+
+    @property
+    def connections_opened(self) -> int:
+        """Sockets opened by the partition's pools."""
+        return sum(view.pool.opened for view in self.pools.values())
+
+    @property
+    def evictions(self) -> int:
+        """Idle sockets of the partition closed to respect a keepalive or budget limit."""
+        return sum(view.pool.evictions for view in self.pools.values())
+
     def __repr__(self) -> str:
-        return f"<Partition {self.key!r} {self.lane.in_flight}/{self.lane.cap}>"
+        lane = self.lane
+        state = "idle" if self.quiet_since is not None else "busy"
+        return (
+            f"<Partition {self.key!r} [{state} | {lane.in_flight}/{lane.cap} in flight, "
+            f"{lane.waiting} waiting | {self.sockets_open} sockets open, "
+            f"{self.sockets_idle} idle]>"
+        )
 
 
 @dataclass
@@ -137,9 +176,6 @@ def _loop_alive(loop: object) -> bool:
     return True
 
 
-DropHook = Callable[[str], None]
-
-
 class Admission:
     """Admit requests per partition, with waits, deadlines, and no leaks.
 
@@ -171,9 +207,10 @@ class Admission:
         # O(1) per request, and a busy partition never blocks it.
         self._quiet: OrderedDict[str, Partition] = OrderedDict()
         self._peak_partitions = 0
-        self._drop_hooks: list[DropHook] = []
-        self._rebind_hooks: list[Callable[[], None]] = []
-        self._shrink_hooks: list[Callable[[], None]] = []
+        # Response bodies not closed yet (the transports' body wrappers add
+        # and remove themselves): closing the router closes them, so every
+        # slot comes back even if a caller abandoned a stream.
+        self.open_bodies: set[Any] = set()
         self._loop: object | None = None
         # The bound loop's clock (anyio's clock, looked up once): see _clock_of.
         self._clock: Callable[[], float] = anyio.current_time
@@ -185,26 +222,46 @@ class Admission:
 
     # -- partitions ----------------------------------------------------------
 
-    def add_hooks(
-        self, on_drop: DropHook, on_rebind: Callable[[], None], on_shrink: Callable[[], None]
-    ) -> None:
-        """Register a pool layer: told of dropped partitions, a change of event loop,
-        and a crowd of partitions gone (time to give back the memory of its tables)."""
-        self._drop_hooks.append(on_drop)
-        self._rebind_hooks.append(on_rebind)
-        self._shrink_hooks.append(on_shrink)
+    def __len__(self) -> int:
+        """Number of live partitions."""
+        return len(self._partitions)
 
     def partitions(self) -> Iterator[Partition]:
         """Iterate over the live partitions."""
         return iter(list(self._partitions.values()))
 
-    def partition(self, key: str, quota_name: str) -> Partition:
-        """Return the partition for ``key``, creating it on first use.
+    async def admit(self, url: httpx.URL, pool_timeout: float | None) -> Ticket:
+        """Find the partition of ``url`` (creating it) and wait for a slot in it.
 
-        Call :meth:`acquire` right after, with no await in between: a
-        partition with a request admitted or waiting is never dropped, and
-        nothing else may run between the lookup and the admission.
+        Return the granted ticket; the caller releases it exactly once
+        (:meth:`release`). The wait is bounded by the quota's ``pool_timeout``,
+        or else by ``pool_timeout`` (the request's own). Raise ``ValueError``
+        for a URL that has no partition (no host), and otherwise as
+        :meth:`_acquire`.
+
+        Invariant: nothing awaits between the lookup and the admission, so
+        the partition is never dropped under the request (the sweep runs
+        only inside the lookup, and drops only partitions with nothing
+        admitted or waiting).
         """
+        key, quota_name = self.partitioner(url)
+        partition = self._partition(key, quota_name)
+        patience = partition.entry.quota.pool_timeout
+        if patience is None:
+            patience = pool_timeout
+        ticket = await self._acquire(partition, patience)
+        if self.closed:
+            # Granted by a release in the same instant the router closed.
+            self.release(ticket, failed=True)
+            raise RouterClosed(f"{partition.key}: the HostRouter was closed while waiting")
+        return ticket
+
+    def partition_of(self, ticket: Ticket) -> Partition:
+        """Return the partition a granted ticket belongs to."""
+        return self._partitions[ticket.lane.key]
+
+    def _partition(self, key: str, quota_name: str) -> Partition:
+        """Return the partition for ``key``, creating it on first use (see :meth:`admit`)."""
         self._check_loop()
         partition = self._partitions.get(key)
         if partition is None or partition.quiet_since is not None:
@@ -217,9 +274,7 @@ class Admission:
                 key, entry.group, min(quota.max_connections, self.budget), quota.max_pending
             )
             self.totals.created += 1
-            partition = self._partitions[key] = Partition(
-                key, entry, lane, self.budget, self.totals.created
-            )
+            partition = self._partitions[key] = Partition(key, entry, lane, self.totals.created)
             if len(self._partitions) > self._peak_partitions:
                 self._peak_partitions = len(self._partitions)
             # Born quiet: if admission never happens (the router is closed),
@@ -260,8 +315,13 @@ class Admission:
         self._peak_partitions = live
         self.partitioner.shrink(live)
         self.ledger.compact()
-        for hook in self._shrink_hooks:
-            hook()
+        # Shared with the body wrappers (they remove themselves), so rebuilt
+        # in place: emptied, which frees its table, and refilled.
+        still_open = list(self.open_bodies)
+        self.open_bodies.clear()
+        self.open_bodies.update(still_open)
+        for partition in self._partitions.values():
+            partition.pools = dict(partition.pools)
 
     def _drop(self, partition: Partition) -> None:
         # Runs without an await from check to removal, so no request can be
@@ -269,8 +329,11 @@ class Admission:
         assert partition.lane.idle
         del self._partitions[partition.key]
         self._quiet.pop(partition.key, None)
-        for hook in self._drop_hooks:
-            hook(partition.key)
+        # Its idle sockets go to the ledger, to be closed by the next request
+        # of any partition or by aclose() (see SocketLedger.retire).
+        for view in partition.pools.values():
+            view.pool.retire()
+        partition.pools.clear()
         self._retire(partition)
         logger.debug("partition %s dropped after %.0fs idle", partition.key, self.idle_timeout)
 
@@ -305,8 +368,9 @@ class Admission:
             # ledger; release() ignores such tickets (see _current).
             self.scheduler = self._new_scheduler()
             self.ledger = SocketLedger(self.budget, self.max_keepalive)
-            for hook in self._rebind_hooks:
-                hook()
+            # Their pools went with the partitions: the connections belong to
+            # a loop we no longer run in, and can be neither used nor closed.
+            self.open_bodies.clear()
         self._loop = loop
         self._clock = _clock_of(loop)
         self._asyncio_loop = loop if isinstance(loop, asyncio.AbstractEventLoop) else None
@@ -328,7 +392,7 @@ class Admission:
 
     # -- admission -----------------------------------------------------------
 
-    async def acquire(self, partition: Partition, patience: float | None) -> Ticket:
+    async def _acquire(self, partition: Partition, patience: float | None) -> Ticket:
         """Wait for a slot in ``partition``; return the granted ticket.
 
         Raise :class:`PoolTimeout` when ``patience`` (seconds, or None for no
@@ -439,10 +503,7 @@ class Admission:
         partition = self._current(ticket)
         if partition is None:
             return  # a ticket of a former event loop: its scheduler is gone
-        was_granted = ticket.status is Status.GRANTED
         woken = self.scheduler.cancel(ticket)
-        if was_granted:
-            partition.limiter.release_on_behalf_of(ticket)
         if woken is not None:
             self._wake(woken)
         self._settle(partition)
@@ -453,7 +514,6 @@ class Admission:
         if partition is None:
             return  # a ticket of a former event loop: its scheduler is gone
         woken = self.scheduler.release(ticket)
-        partition.limiter.release_on_behalf_of(ticket)
         if failed:
             partition.requests_failed += 1
         else:
@@ -469,8 +529,6 @@ class Admission:
     def _on_granted(self, ticket: Ticket) -> None:
         lane = ticket.lane
         partition = self._partitions[lane.key]
-        # Never blocks: the scheduler granted below the cap (G1).
-        partition.limiter.acquire_on_behalf_of_nowait(ticket)
         if lane.in_flight > partition.peak_in_flight:
             partition.peak_in_flight = lane.in_flight
         scheduler = self.scheduler

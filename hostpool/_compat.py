@@ -17,7 +17,6 @@ Internal                                       Used for
                                                 ``trust_env``) -- :class:`ClientSeams`
 ``AsyncClient._send_single_request``            response bodies without a reference
 ``httpx._client.BoundAsyncStream``              cycle -- :class:`ClientSeams`
-``AsyncClient._transport`` / ``._mounts``       the router's transports, for stats
 ``AsyncHTTPTransport._pool``                    the httpcore pool a transport was built
                                                 with: makes connections with the user's
                                                 TLS, proxy, retries, socket options
@@ -204,11 +203,6 @@ class ClientSeams(httpx.AsyncClient):
 
     def _hp_wrap(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
         raise NotImplementedError
-
-    def _hp_transports(self) -> list[httpx.AsyncBaseTransport]:
-        """The client's transport and every mounted one, in httpx's order."""
-        mounted = [t for t in self._mounts.values() if t is not None]
-        return [self._transport, *mounted]
 
     def _init_transport(
         self,

@@ -125,6 +125,13 @@ class PartitionPool:
         """Open sockets of this partition, active and idle."""
         return len(self._idle_lru) + len(self._active)
 
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else ""
+        return (
+            f"<PartitionPool {self.key!r}{state} [{len(self._active)} active, "
+            f"{len(self._idle_lru)} idle | opened {self.opened}, evicted {self.evictions}]>"
+        )
+
     # -- the request path ----------------------------------------------------
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:

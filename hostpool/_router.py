@@ -192,17 +192,12 @@ class HostRouter(ClientSeams):
         _, name = self._hp_partitioner(httpx.URL(url))
         return self._hp_table.lookup(name).quota
 
-    def _transports(self) -> list[AdmissionTransport]:
-        return [t for t in self._hp_transports() if isinstance(t, AdmissionTransport)]
-
     def stats(self) -> RouterStats:
         """Return an immutable snapshot of the router and of every live partition."""
         admission = self._hp_admission
         scheduler = admission.scheduler
-        transports = self._transports()
         partitions: dict[str, PartitionStats] = {}
         for partition in admission.partitions():
-            sockets = [t.sockets(partition.key) for t in transports]
             lane = partition.lane
             partitions[partition.key] = PartitionStats(
                 key=partition.key,
@@ -211,15 +206,15 @@ class HostRouter(ClientSeams):
                 quota_key=partition.entry.group,
                 in_flight=lane.in_flight,
                 waiting=lane.waiting,
-                sockets_open=sum(s[0] for s in sockets),
-                sockets_idle=sum(s[1] for s in sockets),
-                connections_opened=sum(s[2] for s in sockets),
+                sockets_open=partition.sockets_open,
+                sockets_idle=partition.sockets_idle,
+                connections_opened=partition.connections_opened,
                 requests=partition.requests,
                 requests_completed=partition.requests_completed,
                 requests_failed=partition.requests_failed,
                 pool_timeouts=partition.pool_timeouts,
                 overflows=partition.overflows,
-                evictions=sum(s[3] for s in sockets),
+                evictions=partition.evictions,
                 peak_in_flight=partition.peak_in_flight,
                 peak_waiting=partition.peak_waiting,
                 reserved_admissions=partition.reserved_admissions,
@@ -248,6 +243,17 @@ class HostRouter(ClientSeams):
             partitions_dropped=totals.dropped,
             wait=admission.router_wait.summary(),
             partitions=MappingProxyType(partitions),
+        )
+
+    def __repr__(self) -> str:
+        admission = self._hp_admission
+        scheduler = admission.scheduler
+        ledger = admission.ledger
+        state = " closed" if admission.closed else ""
+        return (
+            f"<HostRouter{state} [{len(admission)} partitions | "
+            f"{scheduler.in_flight}/{scheduler.budget} in flight, {scheduler.waiting} waiting | "
+            f"{ledger.open} sockets open, {len(ledger.idle)} idle]>"
         )
 
     def diagnose(self, *, min_requests: int = 20) -> list[Finding]:

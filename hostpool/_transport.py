@@ -17,7 +17,6 @@ import httpx
 
 from ._admission import Admission, Partition
 from ._compat import is_mocked, transport_pool
-from ._errors import RouterClosed
 from ._pool import PartitionPool, close_connections
 from ._scheduler import Ticket
 
@@ -36,47 +35,17 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
     def __init__(self, admission: Admission, inner: httpx.AsyncBaseTransport) -> None:
         self._admission = admission
         self.inner = inner
-        # Response bodies not closed yet: closing the router closes them, so
-        # every slot comes back even if a caller abandoned a stream.
-        self._open: set[_ReleasingStream] = set()
-        admission.add_hooks(self._on_drop, self._on_rebind, self._on_shrink)
-
-    def _on_drop(self, key: str) -> None:
-        """A partition was dropped after its idle timeout."""
-
-    def _on_rebind(self) -> None:
-        """The router moved to another event loop: forget what belonged to the old one."""
-        self._open.clear()
-
-    def _on_shrink(self) -> None:
-        """Most partitions are gone: rebuild tables sized for the crowd at its peak.
-
-        The set of open bodies is shared with the streams (they remove
-        themselves from it), so it is rebuilt in place: emptied, which frees
-        its table, and refilled with the bodies still open.
-        """
-        still_open = list(self._open)
-        self._open.clear()
-        self._open.update(still_open)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         admission = self._admission
         try:
-            key, quota_name = admission.partitioner(request.url)
-        except ValueError as exc:
+            ticket = await admission.admit(
+                request.url, request.extensions.get("timeout", {}).get("pool")
+            )
+        except ValueError as exc:  # no partition for this URL
             raise httpx.UnsupportedProtocol(str(exc), request=request) from None
-        # No await between the lookup and the admission (see Admission.partition).
-        partition = admission.partition(key, quota_name)
-        timeout = partition.entry.quota.pool_timeout
-        if timeout is None:
-            timeout = request.extensions.get("timeout", {}).get("pool")
-        ticket = await admission.acquire(partition, timeout)
-        if admission.closed:
-            # Granted by a release in the same instant the router closed.
-            admission.release(ticket, failed=True)
-            raise RouterClosed(f"{partition.key}: the HostRouter was closed while waiting")
         try:
-            response = await self._send(partition, request)
+            response = await self._send(admission.partition_of(ticket), request)
         except BaseException:
             admission.release(ticket, failed=True)
             raise
@@ -88,20 +57,17 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         if not isinstance(response.stream, httpx.AsyncByteStream):
             admission.release(ticket, failed=True)
             raise TypeError("a HostRouter transport must return an async response stream")
-        response.stream = _ReleasingStream(response.stream, admission, ticket, self._open)
+        response.stream = _ReleasingStream(response.stream, admission, ticket)
         return response
 
     async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
         return await self.inner.handle_async_request(request)
 
-    def sockets(self, key: str) -> tuple[int, int, int, int]:
-        """Return ``(open, idle, opened, evictions)`` for a partition's pool here."""
-        return (0, 0, 0, 0)
-
     async def _close_own(self) -> None:
         """Close what this layer holds: fail waiters, close open bodies (slots back)."""
-        self._admission.close()
-        for stream in list(self._open):
+        admission = self._admission
+        admission.close()
+        for stream in list(admission.open_bodies):
             await stream.aclose()
 
     async def __aenter__(self) -> AdmissionTransport:
@@ -129,9 +95,8 @@ class AdmittedTransport(AdmissionTransport):
 class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
     """``httpx.AsyncHTTPTransport`` over one partition's pool.
 
-    A subclass, so that tools patching ``httpx.AsyncHTTPTransport`` (such as
-    pytest-httpx) still see every request; it inherits the httpx <-> httpcore
-    conversion and exception mapping unchanged.
+    It inherits httpx's request and response conversion and its mapping of
+    httpcore's exceptions to httpx's, unchanged.
     """
 
     def __init__(self, pool: PartitionPool) -> None:
@@ -145,9 +110,10 @@ class PartitionedTransport(AdmissionTransport):
 
     ``inner`` is a plain ``httpx.AsyncHTTPTransport``: its httpcore pool makes
     the connections (with its TLS, proxy, retries and socket options), the
-    partition pools keep them. While a mocking library (respx, pytest-httpx)
-    has patched httpx's or httpcore's classes, requests go through ``inner``
-    itself, so that the mock sees them exactly as with ``httpx.AsyncClient``.
+    partitions' pools keep them (``Partition.pools``, keyed by that httpcore
+    pool). While a mocking library (respx, pytest-httpx) has patched httpx's
+    or httpcore's classes, requests go through ``inner`` itself, so that the
+    mock sees them exactly as with ``httpx.AsyncClient``.
     """
 
     inner: httpx.AsyncHTTPTransport
@@ -155,74 +121,39 @@ class PartitionedTransport(AdmissionTransport):
     def __init__(self, admission: Admission, inner: httpx.AsyncHTTPTransport) -> None:
         super().__init__(admission, inner)
         self._factory = transport_pool(inner)
-        self._pools: dict[str, _PartitionHTTPTransport] = {}
-        self._closed = False
 
     async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise RouterClosed("the HostRouter has been closed")
-        if is_mocked(self.inner, self._factory):
+        factory = self._factory
+        if is_mocked(self.inner, factory):
             return await self.inner.handle_async_request(request)
-        transport = self._pools.get(partition.key)
-        if transport is None:
+        view = partition.pools.get(factory)
+        if view is None:
             pool = PartitionPool(
-                partition.key,
-                self._factory,
-                self._admission.ledger,
-                partition.entry.quota.keepalive,
+                partition.key, factory, self._admission.ledger, partition.entry.quota.keepalive
             )
-            transport = self._pools[partition.key] = _PartitionHTTPTransport(pool)
-        return await transport.handle_async_request(request)
-
-    def _on_drop(self, key: str) -> None:
-        transport = self._pools.pop(key, None)
-        if transport is not None:
-            transport.pool.retire()
-
-    def _on_shrink(self) -> None:
-        super()._on_shrink()
-        self._pools = dict(self._pools)
-
-    def _on_rebind(self) -> None:
-        # The connections belong to an event loop we no longer run in: they
-        # can be neither used nor closed from here. Forget them (their pools
-        # keep the old ledger, so the new one starts at zero).
-        super()._on_rebind()
-        self._pools.clear()
-
-    def sockets(self, key: str) -> tuple[int, int, int, int]:
-        transport = self._pools.get(key)
-        if transport is None:
-            return (0, 0, 0, 0)
-        pool = transport.pool
-        return (pool.sockets_open, pool.sockets_idle, pool.opened, pool.evictions)
+            view = partition.pools[factory] = _PartitionHTTPTransport(pool)
+        return await view.handle_async_request(request)
 
     async def _close_own(self) -> None:
-        self._closed = True
         await super()._close_own()
         ledger = self._admission.ledger
         retired = ledger.take_retired()
         await close_connections(retired)
         ledger.closed(len(retired))
-        for transport in list(self._pools.values()):
-            await transport.aclose()
+        for partition in self._admission.partitions():
+            view = partition.pools.pop(self._factory, None)
+            if view is not None:
+                await view.pool.aclose()
 
 
 class _ReleasingStream(httpx.AsyncByteStream):
     """A response body that returns the admission slot when it is closed (once)."""
 
-    def __init__(
-        self,
-        stream: httpx.AsyncByteStream,
-        admission: Admission,
-        ticket: Ticket,
-        registry: set[_ReleasingStream],
-    ) -> None:
+    def __init__(self, stream: httpx.AsyncByteStream, admission: Admission, ticket: Ticket) -> None:
         self._stream = stream
         self._admission = admission
         self._ticket: Ticket | None = ticket
-        self._registry = registry
-        registry.add(self)
+        admission.open_bodies.add(self)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -239,7 +170,7 @@ class _ReleasingStream(httpx.AsyncByteStream):
         ticket, self._ticket = self._ticket, None
         if ticket is None:
             return
-        self._registry.discard(self)
+        self._admission.open_bodies.discard(self)
         try:
             await self._stream.aclose()
         finally:

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCHEDULER_TESTS = ["tests/test_scheduler.py", "tests/properties/test_scheduler_machine.py"]
 LOOPBACK_TESTS = [
+    "tests/test_ledger.py",
+    "tests/test_pool.py",
     "tests/integration/test_router_loopback.py",
     "tests/integration/test_faults.py",
     "tests/integration/test_peer_regressions.py",
@@ -141,9 +143,11 @@ MUTANTS: list[Mutant] = [
         "a waiter granted a slot, then cancelled, keeps the slot",
         (
             "hostpool/_admission.py",
-            "        woken = self.scheduler.cancel(ticket)\n        if was_granted:",
-            "        woken = None if was_granted else self.scheduler.cancel(ticket)\n"
-            "        if was_granted:",
+            "        woken = self.scheduler.cancel(ticket)\n        if woken is not None:",
+            "        woken = None\n"
+            "        if ticket.status is Status.WAITING:\n"
+            "            woken = self.scheduler.cancel(ticket)\n"
+            "        if woken is not None:",
         ),
     ),
     _loopback(
@@ -221,9 +225,9 @@ MUTANTS: list[Mutant] = [
         "G6",
         "a quota's pool_timeout is ignored",
         (
-            "hostpool/_transport.py",
-            "timeout = partition.entry.quota.pool_timeout",
-            "timeout = None",
+            "hostpool/_admission.py",
+            "patience = partition.entry.quota.pool_timeout",
+            "patience = None",
         ),
     ),
     _loopback(

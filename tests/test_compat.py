@@ -68,12 +68,6 @@ def test_async_client_hook_keeps_its_arguments(method: str, arguments: list[str]
     assert names == arguments, f"httpx.AsyncClient.{method} changed its arguments: {names}"
 
 
-def test_async_client_keeps_its_transport_and_mounts() -> None:
-    client = httpx.AsyncClient(mounts={"https://x.example": httpx.MockTransport(lambda r: None)})
-    assert isinstance(client._transport, httpx.AsyncBaseTransport), "AsyncClient._transport"
-    assert isinstance(client._mounts, dict), "AsyncClient._mounts"
-
-
 def test_transport_pool_is_reachable() -> None:
     transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(keepalive_expiry=7.0))
     pool = _compat.transport_pool(transport)
