@@ -6,7 +6,7 @@ hostname, so hostpool gives it its own partition) answers at once and gets
 ``fast_requests`` (100) requests, one every ``fast_interval_ms`` (open loop:
 a request is sent on schedule whether or not the previous one finished).
 
-Equal budgets, as in DESIGN.md's "problem, measured": 20 sockets in all;
+Equal budgets, as in the README's opening measurement: 20 sockets in all;
 hostpool and aiohttp cap each host at 10. Each client is measured alone (no
 flood) and under the flood, all six runs interleaved per repeat.
 """

@@ -10,8 +10,8 @@ Every decision of the real :class:`~hostpool._scheduler.Scheduler` (grant,
 wait or reject for an arrival; which waiter a release or cancel wakes) is
 compared with :class:`Model`, a deliberately naive reference written from the
 design's rules with plain lists and everything recomputed from scratch. The
-guarantees of ``DESIGN.md`` are checked after every step as invariants, read
-off the real scheduler's lanes and groups.
+guarantees (the README's "Guarantees" and "Design" sections) are checked
+after every step as invariants, read off the real scheduler's lanes and groups.
 """
 
 from __future__ import annotations
