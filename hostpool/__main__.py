@@ -13,17 +13,10 @@ import anyio
 import httpx
 
 from . import __version__
-from ._demo import (
-    DEFAULT_CHART,
-    add_arguments,
-    config_from_args,
-    fmt_seconds,
-    format_router_stats,
-    quantile,
-    run,
-)
+from ._format import fmt_seconds, format_router_stats, quantile
 from ._quota import Quota
 from ._router import HostRouter
+from .demo import DEFAULT_CHART, add_arguments, config_from_args, run
 
 __all__ = ["build_parser", "main"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hostpool.__main__ import main
-from hostpool._demo import LoopbackUpstreams, _bind, _Listener
+from hostpool.demo.server import LoopbackUpstreams, _bind, _Listener
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
