@@ -13,7 +13,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
@@ -25,7 +25,7 @@ from ._ledger import SocketLedger
 from ._pool import PartitionPool
 from ._quota import Partitioner, QuotaEntry, QuotaTable
 from ._scheduler import Lane, Scheduler, Status, Ticket
-from ._stats import WaitHistogram
+from ._stats import RequestCounts, WaitHistogram
 
 __all__ = ["Admission", "Partition"]
 
@@ -50,18 +50,14 @@ class Partition:
     """
 
     __slots__ = (
+        "counts",
         "entry",
         "key",
         "lane",
-        "overflows",
         "peak_in_flight",
         "peak_waiting",
-        "pool_timeouts",
         "pools",
         "quiet_since",
-        "requests",
-        "requests_completed",
-        "requests_failed",
         "reserved_admissions",
         "serial",
         "wait",
@@ -74,11 +70,7 @@ class Partition:
         self.lane = lane
         self.pools: dict[object, PoolView] = {}
         self.quiet_since: float | None = None
-        self.requests = 0
-        self.requests_completed = 0
-        self.requests_failed = 0
-        self.pool_timeouts = 0
-        self.overflows = 0
+        self.counts = RequestCounts()
         self.peak_in_flight = 0
         self.peak_waiting = 0
         self.reserved_admissions = 0
@@ -118,11 +110,7 @@ class Partition:
 class _Totals:
     """Counts of partitions that no longer exist, so router totals never go down."""
 
-    requests: int = 0
-    requests_completed: int = 0
-    requests_failed: int = 0
-    pool_timeouts: int = 0
-    overflows: int = 0
+    counts: RequestCounts = field(default_factory=RequestCounts)
     created: int = 0
     dropped: int = 0
 
@@ -341,11 +329,7 @@ class Admission:
         """Fold a partition's counts into the totals, so router totals never go down."""
         totals = self.totals
         totals.dropped += 1
-        totals.requests += partition.requests
-        totals.requests_completed += partition.requests_completed
-        totals.requests_failed += partition.requests_failed
-        totals.pool_timeouts += partition.pool_timeouts
-        totals.overflows += partition.overflows
+        totals.counts.add(partition.counts)
 
     def _check_loop(self) -> None:
         loop = _current_loop()
@@ -403,7 +387,7 @@ class Admission:
             raise RouterClosed("the HostRouter has been closed")
         lane = partition.lane
         ticket = self.scheduler.admit(lane)
-        partition.requests += 1
+        partition.counts.requests += 1
         if partition.quiet_since is not None:
             partition.quiet_since = None
             del self._quiet[partition.key]
@@ -413,7 +397,7 @@ class Admission:
             self.router_wait.record(0.0)
             return ticket
         if ticket.status is Status.REJECTED:
-            partition.overflows += 1
+            partition.counts.overflows += 1
             self._settle(partition)
             logger.info(
                 "%s: request rejected, %d already waiting (max_pending)",
@@ -454,7 +438,7 @@ class Admission:
         if ticket.status is Status.CANCELLED and self.closed:
             raise RouterClosed(f"{partition.key}: the HostRouter was closed while waiting")
         self.scheduler.cancel(ticket)
-        partition.pool_timeouts += 1
+        partition.counts.pool_timeouts += 1
         lane = partition.lane
         self._settle(partition)
         logger.info("%s: pool timeout after %.3fs", partition.key, waited)
@@ -515,9 +499,9 @@ class Admission:
             return  # a ticket of a former event loop: its scheduler is gone
         woken = self.scheduler.release(ticket)
         if failed:
-            partition.requests_failed += 1
+            partition.counts.requests_failed += 1
         else:
-            partition.requests_completed += 1
+            partition.counts.requests_completed += 1
         if woken is not None:
             self._wake(woken)
         self._settle(partition)

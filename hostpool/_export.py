@@ -14,6 +14,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from ._router import HostRouter
 from ._stats import WAIT_BUCKETS, PartitionStats, RouterStats
@@ -22,64 +23,132 @@ from ._stats import WAIT_BUCKETS, PartitionStats, RouterStats
 OTHER = "other"
 
 
-#: Per-partition gauges, in the order of :attr:`_Series.gauges`.
-_GAUGE_FIELDS: tuple[str, ...] = (
-    "in_flight",
-    "waiting",
-    "sockets_open",
-    "sockets_idle",
-    "max_connections",
-    "reserved",
-)
+_REQUEST = "{request}"
+_CONNECTION = "{connection}"
+_PARTITION = "{partition}"
 
-#: Per-partition counters, in the order of :attr:`_Series.counters`; the
-#: cumulative wait-bucket counts (one per bound of ``WAIT_BUCKETS``) follow.
-_COUNTER_FIELDS: tuple[str, ...] = (
-    "requests",
-    "requests_completed",
-    "requests_failed",
-    "connections_opened",
-    "pool_timeouts",
-    "overflows",
-    "evictions",
-    "reserved_admissions",
-    "wait_count",
-    "wait_sum",
-)
 
+@dataclass(frozen=True)
+class Figure:
+    """One figure both exporters publish: the schema of the metrics, in one place.
+
+    ``field`` names it in :class:`~hostpool.PartitionStats` (per-partition
+    figures) or in the router view (router-wide ones); ``prometheus`` is its
+    name after the namespace (None: published only inside the wait
+    histogram), ``otel`` its instrument name, ``unit`` its OpenTelemetry unit.
+    """
+
+    field: str
+    kind: Literal["gauge", "counter"]
+    unit: str
+    help: str
+    prometheus: str | None
+    otel: str
+
+
+#: Per-partition figures, gauges first: the order of :attr:`_Series.gauges`
+#: and :attr:`_Series.counters` (the cumulative wait-bucket counts, one per
+#: bound of ``WAIT_BUCKETS``, follow the counters).
+PARTITION_FIGURES: tuple[Figure, ...] = (
+    Figure("in_flight", "gauge", _REQUEST,
+           "Requests holding a slot of the partition's quota.",
+           "requests_in_flight", "hostpool.requests.in_flight"),
+    Figure("waiting", "gauge", _REQUEST,
+           "Requests waiting for a slot of the partition's quota.",
+           "requests_waiting", "hostpool.requests.waiting"),
+    Figure("sockets_open", "gauge", _CONNECTION,
+           "Open sockets of the partition, active and idle.",
+           "connections_open", "hostpool.connections.open"),
+    Figure("sockets_idle", "gauge", _CONNECTION,
+           "Idle keep-alive sockets of the partition.",
+           "connections_idle", "hostpool.connections.idle"),
+    Figure("max_connections", "gauge", _CONNECTION,
+           "The max_connections of the partition's quota.",
+           "quota_max_connections", "hostpool.quota.max_connections"),
+    Figure("reserved", "gauge", _CONNECTION,
+           "Budget slots reserved for the partition's quota group.",
+           "quota_reserved", "hostpool.quota.reserved"),
+    Figure("requests", "counter", _REQUEST,
+           "Requests that asked the partition for a slot.",
+           "requests", "hostpool.requests"),
+    Figure("requests_completed", "counter", _REQUEST,
+           "Requests that released their slot normally.",
+           "requests_completed", "hostpool.requests.completed"),
+    Figure("requests_failed", "counter", _REQUEST,
+           "Requests that released their slot with an error.",
+           "requests_failed", "hostpool.requests.failed"),
+    Figure("connections_opened", "counter", _CONNECTION,
+           "Sockets opened by the partition.",
+           "connections_opened", "hostpool.connections.opened"),
+    Figure("pool_timeouts", "counter", _REQUEST,
+           "Requests that gave up waiting for a slot (pool timeout).",
+           "pool_timeouts", "hostpool.pool.timeouts"),
+    Figure("overflows", "counter", _REQUEST,
+           "Requests rejected at once because max_pending requests were waiting.",
+           "pool_overflows", "hostpool.pool.overflows"),
+    Figure("evictions", "counter", _CONNECTION,
+           "Idle sockets of the partition closed to respect a keepalive or budget limit.",
+           "connections_evicted", "hostpool.connections.evicted"),
+    Figure("reserved_admissions", "counter", _REQUEST,
+           "Requests admitted on a reserved slot, every shared slot being taken.",
+           "pool_reserved_admissions", "hostpool.pool.reserved_admissions"),
+    Figure("wait_count", "counter", _REQUEST,
+           "Waits for a slot recorded (zero-length ones included).",
+           None, "hostpool.pool.wait.count"),
+    Figure("wait_sum", "counter", "s",
+           "Time requests spent waiting for a slot.",
+           None, "hostpool.pool.wait.time"),
+)  # fmt: skip
+
+#: Router-wide figures (values from ``_ROUTER_VALUES``).
+ROUTER_FIGURES: tuple[Figure, ...] = (
+    Figure("budget", "gauge", _CONNECTION,
+           "The router's max_connections: sockets open at most across all partitions.",
+           "budget_connections", "hostpool.budget.connections"),
+    Figure("max_keepalive", "gauge", _CONNECTION,
+           "The router's max_keepalive_connections.",
+           "budget_keepalive_connections", "hostpool.budget.keepalive"),
+    Figure("shared_slots", "gauge", _CONNECTION,
+           "Budget slots not reserved by any quota, borrowable by every partition.",
+           "shared_slots", "hostpool.shared_slots.limit"),
+    Figure("shared_in_use", "gauge", _CONNECTION,
+           "Shared (unreserved) budget slots in use.",
+           "shared_slots_in_use", "hostpool.shared_slots.usage"),
+    Figure("partitions", "gauge", _PARTITION,
+           "Live partitions.",
+           "partitions", "hostpool.partitions"),
+    Figure("partitions_other", "gauge", _PARTITION,
+           "Live partitions shown only as part of the 'other' series.",
+           "partitions_other", "hostpool.partitions.other"),
+    Figure("partitions_created", "counter", _PARTITION,
+           "Partitions created.",
+           "partitions_created", "hostpool.partitions.created"),
+    Figure("partitions_dropped", "counter", _PARTITION,
+           "Partitions dropped after partition_idle_timeout without use.",
+           "partitions_dropped", "hostpool.partitions.dropped"),
+)  # fmt: skip
+
+_GAUGE_FIELDS: tuple[str, ...] = tuple(f.field for f in PARTITION_FIGURES if f.kind == "gauge")
+_COUNTER_FIELDS: tuple[str, ...] = tuple(f.field for f in PARTITION_FIGURES if f.kind == "counter")
 _GAUGE_INDEX = {name: i for i, name in enumerate(_GAUGE_FIELDS)}
 _COUNTER_INDEX = {name: i for i, name in enumerate(_COUNTER_FIELDS)}
 _BUCKETS_AT = len(_COUNTER_FIELDS)
 _WIDTH = _BUCKETS_AT + len(WAIT_BUCKETS)
 _ZEROS: tuple[float, ...] = (0,) * _WIDTH
 
+#: How each per-partition figure is read off a snapshot (a field of the same
+#: name, unless listed here).
+_READERS: dict[str, Callable[[PartitionStats], float]] = {
+    "max_connections": lambda p: p.quota.max_connections,
+    "reserved": lambda p: p.quota.reserved,
+    "wait_count": lambda p: p.wait.count,
+    "wait_sum": lambda p: p.wait.total,
+}
+
 #: One-line descriptions, shared by both exporters.
 _DESCRIPTIONS: dict[str, str] = {
-    "in_flight": "Requests holding a slot of the partition's quota.",
-    "waiting": "Requests waiting for a slot of the partition's quota.",
-    "sockets_open": "Open sockets of the partition, active and idle.",
-    "sockets_idle": "Idle keep-alive sockets of the partition.",
-    "max_connections": "The max_connections of the partition's quota.",
-    "reserved": "Budget slots reserved for the partition's quota group.",
-    "requests": "Requests that asked the partition for a slot.",
-    "requests_completed": "Requests that released their slot normally.",
-    "requests_failed": "Requests that released their slot with an error.",
-    "connections_opened": "Sockets opened by the partition.",
-    "pool_timeouts": "Requests that gave up waiting for a slot (pool timeout).",
-    "overflows": "Requests rejected at once because max_pending requests were waiting.",
-    "evictions": "Idle sockets of the partition closed to respect a keepalive or budget limit.",
-    "reserved_admissions": "Requests admitted on a reserved slot, every shared slot being taken.",
-    "wait_count": "Waits for a slot recorded (zero-length ones included).",
-    "wait_sum": "Time requests spent waiting for a slot.",
+    **{f.field: f.help for f in (*PARTITION_FIGURES, *ROUTER_FIGURES)},
     "wait": "Time requests waited for a slot of the partition's quota.",
-    "budget": "The router's max_connections: sockets open at most across all partitions.",
-    "max_keepalive": "The router's max_keepalive_connections.",
-    "shared_slots": "Budget slots not reserved by any quota, borrowable by every partition.",
-    "shared_in_use": "Shared (unreserved) budget slots in use.",
-    "partitions": "Live partitions.",
-    "partitions_other": "Live partitions shown only as part of the 'other' series.",
-    "partitions_created": "Partitions created.",
-    "partitions_dropped": "Partitions dropped after partition_idle_timeout without use.",
 }
 
 
@@ -128,31 +197,25 @@ class _Track:
     identity: object
 
 
+def _read(field: str) -> Callable[[PartitionStats], float]:
+    reader = _READERS.get(field)
+    if reader is not None:
+        return reader
+    return lambda p: float(getattr(p, field))
+
+
+_GAUGE_READERS = tuple(_read(name) for name in _GAUGE_FIELDS)
+_COUNTER_READERS = tuple(_read(name) for name in _COUNTER_FIELDS)
+
+
 def _gauges(p: PartitionStats) -> tuple[int, ...]:
-    return (
-        p.in_flight,
-        p.waiting,
-        p.sockets_open,
-        p.sockets_idle,
-        p.quota.max_connections,
-        p.quota.reserved,
-    )
+    return tuple(int(read(p)) for read in _GAUGE_READERS)
 
 
 def _counters(p: PartitionStats) -> tuple[float, ...]:
-    wait = p.wait
-    cumulative = dict(wait.buckets)
+    cumulative = dict(p.wait.buckets)
     return (
-        p.requests,
-        p.requests_completed,
-        p.requests_failed,
-        p.connections_opened,
-        p.pool_timeouts,
-        p.overflows,
-        p.evictions,
-        p.reserved_admissions,
-        wait.count,
-        wait.total,
+        *(read(p) for read in _COUNTER_READERS),
         *(cumulative.get(bound, 0) for bound in WAIT_BUCKETS),
     )
 

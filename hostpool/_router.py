@@ -13,7 +13,7 @@ from ._admission import Admission
 from ._compat import DEFAULT_LIMITS, ClientSeams
 from ._diagnose import Finding, diagnose
 from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
-from ._stats import PartitionStats, RouterStats
+from ._stats import PartitionStats, RequestCounts, RouterStats
 from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
 from ._types import (
     AuthTypes,
@@ -209,11 +209,7 @@ class HostRouter(ClientSeams):
                 sockets_open=partition.sockets_open,
                 sockets_idle=partition.sockets_idle,
                 connections_opened=partition.connections_opened,
-                requests=partition.requests,
-                requests_completed=partition.requests_completed,
-                requests_failed=partition.requests_failed,
-                pool_timeouts=partition.pool_timeouts,
-                overflows=partition.overflows,
+                **partition.counts.as_fields(),
                 evictions=partition.evictions,
                 peak_in_flight=partition.peak_in_flight,
                 peak_waiting=partition.peak_waiting,
@@ -222,7 +218,10 @@ class HostRouter(ClientSeams):
             )
         totals = admission.totals
         ledger = admission.ledger
-        live = partitions.values()
+        counts = RequestCounts()
+        counts.add(totals.counts)
+        for partition in admission.partitions():
+            counts.add(partition.counts)
         return RouterStats(
             budget=scheduler.budget,
             max_keepalive=ledger.max_keepalive,
@@ -233,11 +232,7 @@ class HostRouter(ClientSeams):
             sockets_open=ledger.open,
             sockets_idle=len(ledger.idle),
             connections_opened=ledger.opened,
-            requests=totals.requests + sum(p.requests for p in live),
-            requests_completed=totals.requests_completed + sum(p.requests_completed for p in live),
-            requests_failed=totals.requests_failed + sum(p.requests_failed for p in live),
-            pool_timeouts=totals.pool_timeouts + sum(p.pool_timeouts for p in live),
-            overflows=totals.overflows + sum(p.overflows for p in live),
+            **counts.as_fields(),
             evictions=ledger.evictions,
             partitions_created=totals.created,
             partitions_dropped=totals.dropped,

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ._quota import Quota
 
-__all__ = ["WAIT_BUCKETS", "PartitionStats", "RouterStats", "WaitHistogram", "WaitSummary"]
+__all__ = [
+    "WAIT_BUCKETS",
+    "PartitionStats",
+    "RequestCounts",
+    "RouterStats",
+    "WaitHistogram",
+    "WaitSummary",
+]
 
 # Bucket i holds waits in [BASE * GROWTH**(i-1), BASE * GROWTH**i); bucket 0
 # holds everything below BASE (including "no wait at all"). 10 µs to ~10 min
@@ -172,6 +179,34 @@ class WaitHistogram:
 
 
 _EMPTY_SUMMARY = WaitSummary(buckets=tuple((bound, 0) for bound in WAIT_BUCKETS))
+
+
+@dataclass(slots=True)
+class RequestCounts:
+    """What became of the requests of a partition (or of the partitions gone).
+
+    Kept per partition on the request path, folded into the router's totals
+    when a partition is dropped, and spread into both snapshots by name: the
+    fields here are fields of :class:`PartitionStats` and :class:`RouterStats`.
+    """
+
+    requests: int = 0
+    requests_completed: int = 0
+    requests_failed: int = 0
+    pool_timeouts: int = 0
+    overflows: int = 0
+
+    def add(self, other: RequestCounts) -> None:
+        """Add ``other``'s counts to these."""
+        for name in _COUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_fields(self) -> dict[str, int]:
+        """Return the counts by field name, to build a snapshot with."""
+        return {name: getattr(self, name) for name in _COUNT_FIELDS}
+
+
+_COUNT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RequestCounts))
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,11 @@ from typing import TYPE_CHECKING
 from . import __version__
 from ._export import (
     _COUNTER_INDEX,
-    _DESCRIPTIONS,
     _GAUGE_INDEX,
     _ROUTER_VALUES,
     OTHER,
+    PARTITION_FIGURES,
+    ROUTER_FIGURES,
     _RouterSource,
     _Series,
     _View,
@@ -78,45 +79,6 @@ _INSTALL_HINT = (
 # ---------------------------------------------------------------------------
 # OpenTelemetry
 # ---------------------------------------------------------------------------
-
-_REQUEST = "{request}"
-_CONNECTION = "{connection}"
-_PARTITION = "{partition}"
-
-# (field, instrument name, unit) of the per-partition instruments.
-_PARTITION_UP_DOWN: tuple[tuple[str, str, str], ...] = (
-    ("in_flight", "hostpool.requests.in_flight", _REQUEST),
-    ("waiting", "hostpool.requests.waiting", _REQUEST),
-    ("sockets_open", "hostpool.connections.open", _CONNECTION),
-    ("sockets_idle", "hostpool.connections.idle", _CONNECTION),
-    ("max_connections", "hostpool.quota.max_connections", _CONNECTION),
-    ("reserved", "hostpool.quota.reserved", _CONNECTION),
-)
-_PARTITION_COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("requests", "hostpool.requests", _REQUEST),
-    ("requests_completed", "hostpool.requests.completed", _REQUEST),
-    ("requests_failed", "hostpool.requests.failed", _REQUEST),
-    ("connections_opened", "hostpool.connections.opened", _CONNECTION),
-    ("pool_timeouts", "hostpool.pool.timeouts", _REQUEST),
-    ("overflows", "hostpool.pool.overflows", _REQUEST),
-    ("evictions", "hostpool.connections.evicted", _CONNECTION),
-    ("reserved_admissions", "hostpool.pool.reserved_admissions", _REQUEST),
-    ("wait_count", "hostpool.pool.wait.count", _REQUEST),
-    ("wait_sum", "hostpool.pool.wait.time", "s"),
-)
-# Router-wide instruments: (field, instrument name, unit); values from _ROUTER_VALUES.
-_ROUTER_UP_DOWN: tuple[tuple[str, str, str], ...] = (
-    ("budget", "hostpool.budget.connections", _CONNECTION),
-    ("max_keepalive", "hostpool.budget.keepalive", _CONNECTION),
-    ("shared_slots", "hostpool.shared_slots.limit", _CONNECTION),
-    ("shared_in_use", "hostpool.shared_slots.usage", _CONNECTION),
-    ("partitions", "hostpool.partitions", _PARTITION),
-    ("partitions_other", "hostpool.partitions.other", _PARTITION),
-)
-_ROUTER_COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("partitions_created", "hostpool.partitions.created", _PARTITION),
-    ("partitions_dropped", "hostpool.partitions.dropped", _PARTITION),
-)
 
 
 def _partition_reader(field: str, counter: bool) -> Callable[[_Series], float]:
@@ -215,33 +177,31 @@ class _Hub:
         self._observation = Observation
         self._lock = threading.Lock()
         self._members: list[Instrumentation] = []
-        for field, name, unit in _PARTITION_UP_DOWN:
-            meter.create_observable_up_down_counter(
-                name,
-                [self._partition_callback(name, _partition_reader(field, counter=False))],
-                unit,
-                _DESCRIPTIONS[field],
+        for figure in PARTITION_FIGURES:
+            counter = figure.kind == "counter"
+            create = (
+                meter.create_observable_counter
+                if counter
+                else meter.create_observable_up_down_counter
             )
-        for field, name, unit in _PARTITION_COUNTERS:
-            meter.create_observable_counter(
-                name,
-                [self._partition_callback(name, _partition_reader(field, counter=True))],
-                unit,
-                _DESCRIPTIONS[field],
+            reader = _partition_reader(figure.field, counter=counter)
+            create(
+                figure.otel,
+                [self._partition_callback(figure.otel, reader)],
+                figure.unit,
+                figure.help,
             )
-        for field, name, unit in _ROUTER_UP_DOWN:
-            meter.create_observable_up_down_counter(
-                name,
-                [self._router_callback(name, _ROUTER_VALUES[field])],
-                unit,
-                _DESCRIPTIONS[field],
+        for figure in ROUTER_FIGURES:
+            create = (
+                meter.create_observable_counter
+                if figure.kind == "counter"
+                else meter.create_observable_up_down_counter
             )
-        for field, name, unit in _ROUTER_COUNTERS:
-            meter.create_observable_counter(
-                name,
-                [self._router_callback(name, _ROUTER_VALUES[field])],
-                unit,
-                _DESCRIPTIONS[field],
+            create(
+                figure.otel,
+                [self._router_callback(figure.otel, _ROUTER_VALUES[figure.field])],
+                figure.unit,
+                figure.help,
             )
 
     def add(self, member: Instrumentation) -> None:

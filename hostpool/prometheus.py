@@ -83,6 +83,8 @@ from ._export import (
     _GAUGE_INDEX,
     _ROUTER_VALUES,
     OTHER,
+    PARTITION_FIGURES,
+    ROUTER_FIGURES,
     _RouterSource,
     _View,
 )
@@ -92,37 +94,6 @@ __all__ = ["OTHER", "HostpoolCollector", "register"]
 
 _NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
-# (field, metric name after the namespace) of the per-partition series.
-_GAUGES: tuple[tuple[str, str], ...] = (
-    ("in_flight", "requests_in_flight"),
-    ("waiting", "requests_waiting"),
-    ("sockets_open", "connections_open"),
-    ("sockets_idle", "connections_idle"),
-    ("max_connections", "quota_max_connections"),
-    ("reserved", "quota_reserved"),
-)
-_COUNTERS: tuple[tuple[str, str], ...] = (
-    ("requests", "requests"),
-    ("requests_completed", "requests_completed"),
-    ("requests_failed", "requests_failed"),
-    ("connections_opened", "connections_opened"),
-    ("evictions", "connections_evicted"),
-    ("pool_timeouts", "pool_timeouts"),
-    ("overflows", "pool_overflows"),
-    ("reserved_admissions", "pool_reserved_admissions"),
-)
-_ROUTER_GAUGES: tuple[tuple[str, str], ...] = (
-    ("budget", "budget_connections"),
-    ("max_keepalive", "budget_keepalive_connections"),
-    ("shared_slots", "shared_slots"),
-    ("shared_in_use", "shared_slots_in_use"),
-    ("partitions", "partitions"),
-    ("partitions_other", "partitions_other"),
-)
-_ROUTER_COUNTERS: tuple[tuple[str, str], ...] = (
-    ("partitions_created", "partitions_created"),
-    ("partitions_dropped", "partitions_dropped"),
-)
 _LABELS = ("partition",)
 
 
@@ -185,18 +156,23 @@ class HostpoolCollector(Collector):
     def _families(self, view: _View | None) -> Iterator[Metric]:
         ns = self.namespace
         series = () if view is None else view.series
-        for field, name in _GAUGES:
-            gauge = GaugeMetricFamily(f"{ns}_{name}", _DESCRIPTIONS[field], labels=_LABELS)
-            index = _GAUGE_INDEX[field]
-            for s in series:
-                gauge.add_metric([s.label], s.gauges[index])
-            yield gauge
-        for field, name in _COUNTERS:
-            counter = CounterMetricFamily(f"{ns}_{name}", _DESCRIPTIONS[field], labels=_LABELS)
-            index = _COUNTER_INDEX[field]
-            for s in series:
-                counter.add_metric([s.label], s.counters[index])
-            yield counter
+        for figure in PARTITION_FIGURES:
+            name = figure.prometheus
+            if name is None:
+                continue  # inside the wait histogram below
+            if figure.kind == "gauge":
+                family: GaugeMetricFamily | CounterMetricFamily = GaugeMetricFamily(
+                    f"{ns}_{name}", figure.help, labels=_LABELS
+                )
+                index = _GAUGE_INDEX[figure.field]
+                for s in series:
+                    family.add_metric([s.label], s.gauges[index])
+            else:
+                family = CounterMetricFamily(f"{ns}_{name}", figure.help, labels=_LABELS)
+                index = _COUNTER_INDEX[figure.field]
+                for s in series:
+                    family.add_metric([s.label], s.counters[index])
+            yield family
         wait = HistogramMetricFamily(
             f"{ns}_pool_wait_seconds", _DESCRIPTIONS["wait"], labels=_LABELS
         )
@@ -206,12 +182,13 @@ class HostpoolCollector(Collector):
             wait.add_metric([s.label], buckets, s.counter("wait_sum"))
         yield wait
 
-        for field, name in _ROUTER_GAUGES:
-            value = None if view is None else _ROUTER_VALUES[field](view)
-            yield GaugeMetricFamily(f"{ns}_{name}", _DESCRIPTIONS[field], value=value)
-        for field, name in _ROUTER_COUNTERS:
-            value = None if view is None else _ROUTER_VALUES[field](view)
-            yield CounterMetricFamily(f"{ns}_{name}", _DESCRIPTIONS[field], value=value)
+        for figure in ROUTER_FIGURES:
+            value = None if view is None else _ROUTER_VALUES[figure.field](view)
+            name = f"{ns}_{figure.prometheus}"
+            if figure.kind == "gauge":
+                yield GaugeMetricFamily(name, figure.help, value=value)
+            else:
+                yield CounterMetricFamily(name, figure.help, value=value)
 
 
 def register(
