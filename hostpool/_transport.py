@@ -80,12 +80,16 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
-        await self._close_own()
-        await self.inner.__aexit__(exc_type, exc_value, traceback)
+        try:
+            await self._close_own()
+        finally:
+            await self.inner.__aexit__(exc_type, exc_value, traceback)
 
     async def aclose(self) -> None:
-        await self._close_own()
-        await self.inner.aclose()
+        try:
+            await self._close_own()
+        finally:
+            await self.inner.aclose()
 
 
 class AdmittedTransport(AdmissionTransport):
