@@ -14,6 +14,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import anyio
@@ -22,10 +23,10 @@ import sniffio
 
 from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
 from ._ledger import SocketLedger
-from ._pool import PartitionPool
+from ._pool import PartitionPool, close_connections
 from ._quota import Partitioner, QuotaEntry, QuotaTable
 from ._scheduler import Lane, Scheduler, Status, Ticket
-from ._stats import RequestCounts, WaitHistogram
+from ._stats import PartitionStats, RequestCounts, RouterStats, WaitHistogram
 
 __all__ = ["Admission", "Partition"]
 
@@ -95,6 +96,27 @@ class Partition:
     def evictions(self) -> int:
         """Idle sockets of the partition closed to respect a keepalive or budget limit."""
         return sum(view.pool.evictions for view in self.pools.values())
+
+    def snapshot(self) -> PartitionStats:
+        """Return an immutable snapshot of the partition."""
+        lane = self.lane
+        return PartitionStats(
+            key=self.key,
+            serial=self.serial,
+            quota=self.entry.quota,
+            quota_key=self.entry.group,
+            in_flight=lane.in_flight,
+            waiting=lane.waiting,
+            sockets_open=self.sockets_open,
+            sockets_idle=self.sockets_idle,
+            connections_opened=self.connections_opened,
+            **self.counts.as_fields(),
+            evictions=self.evictions,
+            peak_in_flight=self.peak_in_flight,
+            peak_waiting=self.peak_waiting,
+            reserved_admissions=self.reserved_admissions,
+            wait=self.wait.summary(),
+        )
 
     def __repr__(self) -> str:
         lane = self.lane
@@ -542,8 +564,52 @@ class Admission:
         for ticket in self.scheduler.drain(lanes):
             _notify(ticket.payload)
 
-    def forget_all(self) -> None:
-        """Drop every partition (after close, once nothing is in flight)."""
+    async def aclose(self) -> None:
+        """Close everything: fail waiters, close open bodies (slots back), close every socket.
+
+        Idempotent. Requests still sending fail as their connections close.
+        """
+        self.close()
+        for body in list(self.open_bodies):
+            await body.aclose()
+        ledger = self.ledger
+        retired = ledger.take_retired()
+        await close_connections(retired)
+        ledger.closed(len(retired))
+        for partition in list(self._partitions.values()):
+            for view in partition.pools.values():
+                await view.pool.aclose()
         for partition in list(self._partitions.values()):
             if partition.lane.idle:
                 self._drop(partition)
+
+    # -- figures -------------------------------------------------------------
+
+    def snapshot(self) -> RouterStats:
+        """Return an immutable snapshot of the router and of every live partition."""
+        scheduler = self.scheduler
+        ledger = self.ledger
+        totals = self.totals
+        counts = RequestCounts()
+        counts.add(totals.counts)
+        partitions: dict[str, PartitionStats] = {}
+        for partition in self._partitions.values():
+            counts.add(partition.counts)
+            partitions[partition.key] = partition.snapshot()
+        return RouterStats(
+            budget=scheduler.budget,
+            max_keepalive=ledger.max_keepalive,
+            shared_slots=scheduler.shared_total,
+            shared_in_use=scheduler.shared_used,
+            in_flight=scheduler.in_flight,
+            waiting=scheduler.waiting,
+            sockets_open=ledger.open,
+            sockets_idle=len(ledger.idle),
+            connections_opened=ledger.opened,
+            **counts.as_fields(),
+            evictions=ledger.evictions,
+            partitions_created=totals.created,
+            partitions_dropped=totals.dropped,
+            wait=self.router_wait.summary(),
+            partitions=MappingProxyType(partitions),
+        )

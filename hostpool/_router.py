@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 import warnings
 from collections.abc import Callable, Mapping
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 
 import httpx
 
@@ -13,7 +13,7 @@ from ._admission import Admission
 from ._compat import DEFAULT_LIMITS, ClientSeams
 from ._diagnose import Finding, diagnose
 from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
-from ._stats import PartitionStats, RequestCounts, RouterStats
+from ._stats import RouterStats
 from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
 from ._types import (
     AuthTypes,
@@ -194,51 +194,7 @@ class HostRouter(ClientSeams):
 
     def stats(self) -> RouterStats:
         """Return an immutable snapshot of the router and of every live partition."""
-        admission = self._hp_admission
-        scheduler = admission.scheduler
-        partitions: dict[str, PartitionStats] = {}
-        for partition in admission.partitions():
-            lane = partition.lane
-            partitions[partition.key] = PartitionStats(
-                key=partition.key,
-                serial=partition.serial,
-                quota=partition.entry.quota,
-                quota_key=partition.entry.group,
-                in_flight=lane.in_flight,
-                waiting=lane.waiting,
-                sockets_open=partition.sockets_open,
-                sockets_idle=partition.sockets_idle,
-                connections_opened=partition.connections_opened,
-                **partition.counts.as_fields(),
-                evictions=partition.evictions,
-                peak_in_flight=partition.peak_in_flight,
-                peak_waiting=partition.peak_waiting,
-                reserved_admissions=partition.reserved_admissions,
-                wait=partition.wait.summary(),
-            )
-        totals = admission.totals
-        ledger = admission.ledger
-        counts = RequestCounts()
-        counts.add(totals.counts)
-        for partition in admission.partitions():
-            counts.add(partition.counts)
-        return RouterStats(
-            budget=scheduler.budget,
-            max_keepalive=ledger.max_keepalive,
-            shared_slots=scheduler.shared_total,
-            shared_in_use=scheduler.shared_used,
-            in_flight=scheduler.in_flight,
-            waiting=scheduler.waiting,
-            sockets_open=ledger.open,
-            sockets_idle=len(ledger.idle),
-            connections_opened=ledger.opened,
-            **counts.as_fields(),
-            evictions=ledger.evictions,
-            partitions_created=totals.created,
-            partitions_dropped=totals.dropped,
-            wait=admission.router_wait.summary(),
-            partitions=MappingProxyType(partitions),
-        )
+        return self._hp_admission.snapshot()
 
     def __repr__(self) -> str:
         admission = self._hp_admission
@@ -282,9 +238,10 @@ class HostRouter(ClientSeams):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
-        self._hp_admission.close()
+        # Each wrapped transport closes the admission first (waiters fail,
+        # open bodies close, every socket closes), then its inner transport.
         await super().__aexit__(exc_type, exc_value, traceback)
-        self._hp_admission.forget_all()
+        await self._hp_admission.aclose()
 
     async def aclose(self) -> None:
         """Close the router: fail waiting requests, close every socket.
@@ -292,9 +249,8 @@ class HostRouter(ClientSeams):
         Requests waiting for a slot fail at once with :class:`~hostpool.RouterClosed`;
         requests in flight fail as their connections close.
         """
-        self._hp_admission.close()
         await super().aclose()
-        self._hp_admission.forget_all()
+        await self._hp_admission.aclose()
 
 
 def _check_domain_keys(table: QuotaTable, partitioner: Partitioner) -> None:

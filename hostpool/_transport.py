@@ -17,7 +17,7 @@ import httpx
 
 from ._admission import Admission, Partition
 from ._compat import is_mocked, transport_pool
-from ._pool import PartitionPool, close_connections
+from ._pool import PartitionPool
 from ._scheduler import Ticket
 
 __all__ = ["AdmissionTransport", "AdmittedTransport", "PartitionedTransport"]
@@ -64,11 +64,8 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         return await self.inner.handle_async_request(request)
 
     async def _close_own(self) -> None:
-        """Close what this layer holds: fail waiters, close open bodies (slots back)."""
-        admission = self._admission
-        admission.close()
-        for stream in list(admission.open_bodies):
-            await stream.aclose()
+        """Close the admission (waiters, open bodies, every socket): idempotent."""
+        await self._admission.aclose()
 
     async def __aenter__(self) -> AdmissionTransport:
         await self.inner.__aenter__()
@@ -137,17 +134,6 @@ class PartitionedTransport(AdmissionTransport):
             )
             view = partition.pools[factory] = _PartitionHTTPTransport(pool)
         return await view.handle_async_request(request)
-
-    async def _close_own(self) -> None:
-        await super()._close_own()
-        ledger = self._admission.ledger
-        retired = ledger.take_retired()
-        await close_connections(retired)
-        ledger.closed(len(retired))
-        for partition in self._admission.partitions():
-            view = partition.pools.pop(self._factory, None)
-            if view is not None:
-                await view.pool.aclose()
 
 
 class _ReleasingStream(httpx.AsyncByteStream):
