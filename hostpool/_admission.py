@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import httpx
@@ -31,15 +31,6 @@ from ._stats import PartitionStats, RequestCounts, RouterStats, WaitHistogram
 __all__ = ["Admission", "Partition"]
 
 logger = logging.getLogger("hostpool")
-
-
-class PoolView(Protocol):
-    """One transport's pool for a partition, as ``_transport`` fronts it for httpx."""
-
-    pool: PartitionPool
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send a request through the pool (httpx's conversions around it)."""
 
 
 class Partition:
@@ -69,7 +60,7 @@ class Partition:
         self.serial = serial
         self.entry = entry
         self.lane = lane
-        self.pools: dict[object, PoolView] = {}
+        self.pools: dict[object, PartitionPool] = {}
         self.quiet_since: float | None = None
         self.counts = RequestCounts()
         self.peak_in_flight = 0
@@ -80,22 +71,22 @@ class Partition:
     @property
     def sockets_open(self) -> int:
         """Open sockets of the partition, active and idle, across its pools."""
-        return sum(view.pool.sockets_open for view in self.pools.values())
+        return sum(pool.sockets_open for pool in self.pools.values())
 
     @property
     def sockets_idle(self) -> int:
         """Idle sockets of the partition across its pools."""
-        return sum(view.pool.sockets_idle for view in self.pools.values())
+        return sum(pool.sockets_idle for pool in self.pools.values())
 
     @property
     def connections_opened(self) -> int:
         """Sockets opened by the partition's pools."""
-        return sum(view.pool.opened for view in self.pools.values())
+        return sum(pool.opened for pool in self.pools.values())
 
     @property
     def evictions(self) -> int:
         """Idle sockets of the partition closed to respect a keepalive or budget limit."""
-        return sum(view.pool.evictions for view in self.pools.values())
+        return sum(pool.evictions for pool in self.pools.values())
 
     def snapshot(self) -> PartitionStats:
         """Return an immutable snapshot of the partition."""
@@ -341,8 +332,8 @@ class Admission:
         self._quiet.pop(partition.key, None)
         # Its idle sockets go to the ledger, to be closed by the next request
         # of any partition or by aclose() (see SocketLedger.retire).
-        for view in partition.pools.values():
-            view.pool.retire()
+        for pool in partition.pools.values():
+            pool.retire()
         partition.pools.clear()
         self._retire(partition)
         logger.debug("partition %s dropped after %.0fs idle", partition.key, self.idle_timeout)
@@ -577,8 +568,8 @@ class Admission:
         await close_connections(retired)
         ledger.closed(len(retired))
         for partition in list(self._partitions.values()):
-            for view in partition.pools.values():
-                await view.pool.aclose()
+            for pool in partition.pools.values():
+                await pool.aclose()
         for partition in list(self._partitions.values()):
             if partition.lane.idle:
                 self._drop(partition)

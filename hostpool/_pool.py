@@ -34,18 +34,20 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpcore
+import httpx
 from httpcore import AsyncConnectionInterface, Origin
 
 from ._compat import keepalive_expiry, tune_direct_connection
 from ._errors import RouterClosed
 from ._ledger import SocketLedger
+from ._scheduler import Ticket
 from ._stream import AsyncioBackend
 
-__all__ = ["PartitionPool", "close_connections"]
+__all__ = ["PartitionPool", "ResponseBody", "Slots", "close_connections"]
 
 logger = logging.getLogger("hostpool")
 
@@ -135,7 +137,20 @@ class PartitionPool:
     # -- the request path ----------------------------------------------------
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        """Send ``request`` on an idle or new connection of its origin."""
+        """Send ``request`` on an idle or new connection of its origin (httpcore's interface).
+
+        Closing the response body gives the connection back.
+        """
+        return await self.send(request, None, None)
+
+    async def send(
+        self, request: httpcore.Request, slots: Slots | None, ticket: Ticket | None
+    ) -> httpcore.Response:
+        """Send ``request``; its body, once closed, gives back the connection, then the slot.
+
+        ``slots`` and ``ticket`` are the admission slot the request holds (None
+        outside a router): the body releases it after the connection is back.
+        """
         scheme = request.url.scheme.decode()
         if scheme == "":
             raise httpcore.UnsupportedProtocol(
@@ -187,7 +202,7 @@ class PartitionPool:
             self._unshare(conn, key)
         # Wrap the body in place: building a new httpcore.Response would
         # re-validate every header on each request.
-        response.stream = _PoolStream(response.stream, self, conn, key)
+        response.stream = ResponseBody(response.stream, slots, ticket, self, conn, key)
         return response
 
     def _closed_meanwhile(self) -> bool:
@@ -348,40 +363,76 @@ class PartitionPool:
         await self.aclose()
 
 
-class _PoolStream:
-    """A response body that gives its connection back to the pool when closed."""
+class Slots(Protocol):
+    """Where admission slots go back: the admission (``_admission.Admission``)."""
 
-    __slots__ = ("_conn", "_done", "_origin", "_pool", "_stream")
+    open_bodies: set[Any]
+
+    def release(self, ticket: Ticket, *, failed: bool = False) -> None:
+        """Return a granted ticket's slot."""
+
+
+class ResponseBody(httpx.AsyncByteStream):
+    """The one response body wrapper: closed once, it gives back the connection, then the slot.
+
+    Invariant (G2, G7): the connection is back in its pool (or closed)
+    *before* the slot is released, so the next admitted request sees the
+    socket ledger current; and the slot is released exactly once, whether
+    the body is read to the end, closed early, fails while being read, or is
+    closed by the router's ``aclose()`` (it is in ``slots.open_bodies`` until
+    closed). Either part may be absent: a user's own transport has no
+    pooled connection of ours, a pool used on its own holds no slot.
+    """
+
+    __slots__ = ("_conn", "_done", "_origin", "_pool", "_slots", "_stream", "_ticket")
 
     def __init__(
         self,
         stream: Any,
-        pool: PartitionPool,
-        conn: AsyncConnectionInterface,
-        origin: _OriginKey,
+        slots: Slots | None,
+        ticket: Ticket | None,
+        pool: PartitionPool | None = None,
+        conn: AsyncConnectionInterface | None = None,
+        origin: _OriginKey | None = None,
     ) -> None:
         self._stream = stream
+        self._slots = slots
+        self._ticket = ticket
         self._pool = pool
         self._conn = conn
         self._origin = origin
         self._done = False
+        if slots is not None:
+            slots.open_bodies.add(self)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._stream:
                 yield chunk
         except BaseException:
-            await self.aclose()
+            await self._close(failed=True)
             raise
 
     async def aclose(self) -> None:
+        await self._close(failed=False)
+
+    async def _close(self, *, failed: bool) -> None:
         if self._done:
             return
         self._done = True
+        slots = self._slots
+        if slots is not None:
+            slots.open_bodies.discard(self)
         try:
             if hasattr(self._stream, "aclose"):
                 await self._stream.aclose()
         finally:
-            # Runs even if the close above was cancelled: _finish sees the
-            # connection is not idle then, and closes it (shielded).
-            await self._pool._finish(self._conn, self._origin)
+            try:
+                pool = self._pool
+                if pool is not None and self._conn is not None and self._origin is not None:
+                    # Runs even if the close above was cancelled: _finish sees
+                    # the connection is not idle then, and closes it (shielded).
+                    await pool._finish(self._conn, self._origin)
+            finally:
+                if slots is not None and self._ticket is not None:
+                    slots.release(self._ticket, failed=failed)

@@ -10,14 +10,14 @@ every redirect hop is routed by its own host.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from types import TracebackType
 
+import httpcore
 import httpx
 
 from ._admission import Admission, Partition
 from ._compat import is_mocked, transport_pool
-from ._pool import PartitionPool
+from ._pool import PartitionPool, ResponseBody
 from ._scheduler import Ticket
 
 __all__ = ["AdmissionTransport", "AdmittedTransport", "PartitionedTransport"]
@@ -45,23 +45,27 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         except ValueError as exc:  # no partition for this URL
             raise httpx.UnsupportedProtocol(str(exc), request=request) from None
         try:
-            response = await self._send(admission.partition_of(ticket), request)
+            return await self._send(admission.partition_of(ticket), ticket, request)
         except BaseException:
+            # No response, so no body to release the slot: release it here.
             admission.release(ticket, failed=True)
             raise
+
+    async def _send(
+        self, partition: Partition, ticket: Ticket, request: httpx.Request
+    ) -> httpx.Response:
+        """Send through ``inner``; the response's body holds the slot until it is closed."""
+        response = await self.inner.handle_async_request(request)
         if response.is_closed:
             # Already read and closed (e.g. an httpx.Response built from
             # bytes by a MockTransport): no body will ever be closed later.
-            admission.release(ticket)
+            self._admission.release(ticket)
             return response
         if not isinstance(response.stream, httpx.AsyncByteStream):
-            admission.release(ticket, failed=True)
+            # The caller releases the slot on this error.
             raise TypeError("a HostRouter transport must return an async response stream")
-        response.stream = _ReleasingStream(response.stream, admission, ticket)
+        response.stream = ResponseBody(response.stream, self._admission, ticket)
         return response
-
-    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
-        return await self.inner.handle_async_request(request)
 
     async def _close_own(self) -> None:
         """Close the admission (waiters, open bodies, every socket): idempotent."""
@@ -94,16 +98,31 @@ class AdmittedTransport(AdmissionTransport):
 
 
 class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
-    """``httpx.AsyncHTTPTransport`` over one partition's pool.
+    """``httpx.AsyncHTTPTransport`` over one request's way into a partition's pool.
 
     It inherits httpx's request and response conversion and its mapping of
-    httpcore's exceptions to httpx's, unchanged.
+    httpcore's exceptions to httpx's, unchanged. Made per request (two small
+    objects), so that the pool learns which admission slot the response's
+    body gives back.
     """
 
-    def __init__(self, pool: PartitionPool) -> None:
+    def __init__(self, pool: PartitionPool, admission: Admission, ticket: Ticket) -> None:
         # No super().__init__(): that would build an httpcore pool we never use.
-        self.pool = pool
-        self._pool = pool  # type: ignore[assignment]
+        self._pool = _Granted(pool, admission, ticket)  # type: ignore[assignment]
+
+
+class _Granted:
+    """A partition pool, seen by httpx as a pool, for one request holding ``ticket``."""
+
+    __slots__ = ("_admission", "_pool", "_ticket")
+
+    def __init__(self, pool: PartitionPool, admission: Admission, ticket: Ticket) -> None:
+        self._pool = pool
+        self._admission = admission
+        self._ticket = ticket
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        return await self._pool.send(request, self._admission, self._ticket)
 
 
 class PartitionedTransport(AdmissionTransport):
@@ -123,47 +142,16 @@ class PartitionedTransport(AdmissionTransport):
         super().__init__(admission, inner)
         self._factory = transport_pool(inner)
 
-    async def _send(self, partition: Partition, request: httpx.Request) -> httpx.Response:
+    async def _send(
+        self, partition: Partition, ticket: Ticket, request: httpx.Request
+    ) -> httpx.Response:
         factory = self._factory
         if is_mocked(self.inner, factory):
-            return await self.inner.handle_async_request(request)
-        view = partition.pools.get(factory)
-        if view is None:
-            pool = PartitionPool(
+            return await super()._send(partition, ticket, request)
+        pool = partition.pools.get(factory)
+        if pool is None:
+            pool = partition.pools[factory] = PartitionPool(
                 partition.key, factory, self._admission.ledger, partition.entry.quota.keepalive
             )
-            view = partition.pools[factory] = _PartitionHTTPTransport(pool)
-        return await view.handle_async_request(request)
-
-
-class _ReleasingStream(httpx.AsyncByteStream):
-    """A response body that returns the admission slot when it is closed (once)."""
-
-    def __init__(self, stream: httpx.AsyncByteStream, admission: Admission, ticket: Ticket) -> None:
-        self._stream = stream
-        self._admission = admission
-        self._ticket: Ticket | None = ticket
-        admission.open_bodies.add(self)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._stream:
-                yield chunk
-        except BaseException:
-            await self._close(failed=True)
-            raise
-
-    async def aclose(self) -> None:
-        await self._close(failed=False)
-
-    async def _close(self, *, failed: bool) -> None:
-        ticket, self._ticket = self._ticket, None
-        if ticket is None:
-            return
-        self._admission.open_bodies.discard(self)
-        try:
-            await self._stream.aclose()
-        finally:
-            # The connection is back in its pool (or closed) before the slot
-            # is released: the ledger is current when the next request runs.
-            self._admission.release(ticket, failed=failed)
+        transport = _PartitionHTTPTransport(pool, self._admission, ticket)
+        return await transport.handle_async_request(request)

@@ -156,9 +156,21 @@ MUTANTS: list[Mutant] = [
         "a request that fails while sending keeps its slot",
         (
             "hostpool/_transport.py",
-            "        except BaseException:\n            admission.release(ticket, failed=True)\n"
-            "            raise\n        if response.is_closed:",
-            "        except BaseException:\n            raise\n        if response.is_closed:",
+            "            admission.release(ticket, failed=True)\n            raise\n",
+            "            raise\n",
+        ),
+    ),
+    _loopback(
+        "slot-before-connection",
+        "G2",
+        "a body releases its slot before its connection is back in the pool",
+        (
+            "hostpool/_pool.py",
+            "        if slots is not None:\n            slots.open_bodies.discard(self)\n",
+            "        if slots is not None:\n            slots.open_bodies.discard(self)\n"
+            "            if self._ticket is not None:\n"
+            "                slots.release(self._ticket, failed=failed)\n"
+            "                self._ticket = None\n",
         ),
     ),
     _loopback(
@@ -370,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="only the scheduler's mutants")
     parser.add_argument("--only", default="", help="comma-separated mutant names")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that every mutant still applies"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="bound per mutant (s)")
     parser.add_argument("--out", type=Path, help="also write the table here, as Markdown")
     args = parser.parse_args(argv)
@@ -385,6 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in chosen:
             print(f"{m.name:22} {m.guarantee:4} {m.what}")
+        return 0
+    if args.check:
+        with tempfile.TemporaryDirectory(prefix="mutants-check-") as tmp:
+            for m in chosen:
+                tree = Path(tmp) / m.name
+                for relative, _, _ in m.edits:
+                    (tree / relative).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / relative, tree / relative)
+                _apply(m, tree)
+        print(f"all {len(chosen)} mutants apply")
         return 0
     outcomes: list[Outcome] = []
     print(f"{'mutant':22} {'G':4} {'result':9} {'seconds':>7}  killed by")

@@ -106,11 +106,6 @@ class FakePool:
         self.retired += 1
 
 
-class FakeView:
-    def __init__(self, pool: FakePool) -> None:
-        self.pool = pool
-
-
 # -- granting and waiting ----------------------------------------------------------
 
 
@@ -527,7 +522,7 @@ async def test_a_dropped_partition_retires_its_pools() -> None:
     now = hand_clock(admission)
     a = admission.partition_of(ticket)
     pool = FakePool(sockets_open=2, sockets_idle=1)
-    a.pools[object()] = FakeView(pool)  # type: ignore[assignment]
+    a.pools[object()] = pool  # type: ignore[assignment]
     assert (a.sockets_open, a.sockets_idle, a.connections_opened) == (2, 1, 2)
     assert "2 sockets open, 1 idle" in repr(a)
     admission.release(ticket)
