@@ -20,7 +20,7 @@ from typing import Protocol
 
 from httpcore import AsyncConnectionInterface
 
-__all__ = ["SocketLedger"]
+__all__ = ["Parked", "SocketLedger"]
 
 logger = logging.getLogger("hostpool")
 
@@ -30,8 +30,22 @@ class _Owner(Protocol):
 
     key: str
 
-    def evicted(self, conn: AsyncConnectionInterface) -> None:
-        """Forget an idle connection the ledger is closing."""
+    def evicted(self, conn: AsyncConnectionInterface, origin: object) -> None:
+        """Forget an idle connection (of ``origin``) that the ledger is closing."""
+
+
+class Parked:
+    """What the ledger knows of one idle connection: whose it is, its origin, its deadline."""
+
+    __slots__ = ("expires", "origin", "owner")
+
+    def __init__(self, owner: _Owner, origin: object, expires: float) -> None:
+        self.owner = owner
+        self.origin = origin
+        self.expires = expires
+
+    def __repr__(self) -> str:
+        return f"<Parked {self.owner.key!r} {self.origin!r} until {self.expires:.3f}>"
 
 
 class SocketLedger:
@@ -43,10 +57,10 @@ class SocketLedger:
         self.open = 0
         self.opened = 0
         self.evictions = 0
-        # Idle connections of every partition, least recently used first.
-        self.idle: OrderedDict[AsyncConnectionInterface, _Owner] = OrderedDict()
-        # When each idle connection's keepalive runs out (time.monotonic()).
-        self._expires: dict[AsyncConnectionInterface, float] = {}
+        # Every idle connection of every partition, least recently used
+        # first: the one table of idle connections (a pool keeps only its
+        # per-origin stacks for checkout, changed with this table, never apart).
+        self.idle: OrderedDict[AsyncConnectionInterface, Parked] = OrderedDict()
         # Idle connections of dropped partitions, still counted, to be closed.
         self.retired: list[AsyncConnectionInterface] = []
 
@@ -54,14 +68,13 @@ class SocketLedger:
         """Count a socket about to be opened; return idle ones to close to make room."""
         evicted: list[AsyncConnectionInterface] = []
         while self.open >= self.max_connections and self.idle:
-            conn, pool = self.idle.popitem(last=False)
-            del self._expires[conn]
-            pool.evicted(conn)
+            conn, parked = self.idle.popitem(last=False)
+            parked.owner.evicted(conn, parked.origin)
             self.open -= 1
             evicted.append(conn)
             logger.debug(
                 "%s: idle socket closed to stay within max_connections=%d",
-                pool.key,
+                parked.owner.key,
                 self.max_connections,
             )
         self.open += 1
@@ -69,9 +82,16 @@ class SocketLedger:
         return evicted
 
     def park(
-        self, conn: AsyncConnectionInterface, pool: _Owner, now: float, expires: float
+        self,
+        conn: AsyncConnectionInterface,
+        pool: _Owner,
+        now: float,
+        expires: float,
+        origin: object = None,
     ) -> list[AsyncConnectionInterface]:
-        """Record ``conn`` as idle until ``expires``; return connections to close.
+        """Record ``conn`` (of ``pool``, for ``origin``) as idle until ``expires``.
+
+        Return the connections to close.
 
         Those are idle connections over the keepalive budget (least recently
         used first) and, at most one per call, the oldest idle connection
@@ -79,34 +99,30 @@ class SocketLedger:
         roughly in the order they went idle, so checking the head clears them
         over time in O(1) per call, with no system call.
         """
-        self.idle[conn] = pool
-        self._expires[conn] = expires
+        self.idle[conn] = Parked(pool, origin, expires)
         closing: list[AsyncConnectionInterface] = []
         while len(self.idle) > self.max_keepalive:
-            old, owner = self.idle.popitem(last=False)
-            del self._expires[old]
-            owner.evicted(old)
+            old, parked = self.idle.popitem(last=False)
+            parked.owner.evicted(old, parked.origin)
             self.open -= 1
             closing.append(old)
             logger.debug(
                 "%s: idle socket closed to stay within max_keepalive_connections=%d",
-                owner.key,
+                parked.owner.key,
                 self.max_keepalive,
             )
         if self.idle:
-            old, owner = next(iter(self.idle.items()))
-            if old is not conn and self._expires[old] <= now:
+            old, parked = next(iter(self.idle.items()))
+            if old is not conn and parked.expires <= now:
                 del self.idle[old]
-                del self._expires[old]
-                owner.evicted(old)
+                parked.owner.evicted(old, parked.origin)
                 self.open -= 1
                 closing.append(old)
         return closing
 
     def unpark(self, conn: AsyncConnectionInterface) -> None:
-        """Record that an idle connection was taken back into use."""
+        """Record that an idle connection was taken back into use (or is being closed)."""
         del self.idle[conn]
-        del self._expires[conn]
 
     def retire(self, conns: list[AsyncConnectionInterface]) -> None:
         """Queue idle connections of a dropped partition for closing.
@@ -125,7 +141,6 @@ class SocketLedger:
     def compact(self) -> None:
         """Rebuild the idle tables at their present size (dicts never shrink on their own)."""
         self.idle = OrderedDict(self.idle)
-        self._expires = dict(self._expires)
 
     def closed(self, count: int = 1) -> None:
         """Record that ``count`` counted sockets were closed."""

@@ -32,7 +32,6 @@ import logging
 import math
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol
 
@@ -95,10 +94,11 @@ class PartitionPool:
         # ledger's cheap clock-based sweep of idle sockets.
         expiry = keepalive_expiry(factory)
         self._expiry = math.inf if expiry is None else expiry
-        # Idle connections per origin, most recently used last.
+        # Idle connections per origin, most recently used last: the stacks a
+        # checkout pops. The ledger's table (``SocketLedger.idle``) is the
+        # one record of idle connections; these change only with it.
         self._idle: dict[_OriginKey, list[AsyncConnectionInterface]] = {}
-        # Idle connections of this partition, least recently used first.
-        self._idle_lru: OrderedDict[AsyncConnectionInterface, _OriginKey] = OrderedDict()
+        self._idle_count = 0
         # Connections carrying requests, with their number of streams.
         self._active: dict[AsyncConnectionInterface, int] = {}
         # Connections in use that can take another stream: HTTP/2 ones, and
@@ -120,18 +120,18 @@ class PartitionPool:
     @property
     def sockets_idle(self) -> int:
         """Idle sockets of this partition."""
-        return len(self._idle_lru)
+        return self._idle_count
 
     @property
     def sockets_open(self) -> int:
         """Open sockets of this partition, active and idle."""
-        return len(self._idle_lru) + len(self._active)
+        return self._idle_count + len(self._active)
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
         return (
             f"<PartitionPool {self.key!r}{state} [{len(self._active)} active, "
-            f"{len(self._idle_lru)} idle | opened {self.opened}, evicted {self.evictions}]>"
+            f"{self._idle_count} idle | opened {self.opened}, evicted {self.evictions}]>"
         )
 
     # -- the request path ----------------------------------------------------
@@ -262,7 +262,7 @@ class PartitionPool:
         try:
             while idle:
                 conn = idle.pop()
-                del self._idle_lru[conn]
+                self._idle_count -= 1
                 self._ledger.unpark(conn)
                 if conn.is_available() and not conn.has_expired():
                     return conn, conn in self._multiplexed, False
@@ -302,13 +302,13 @@ class PartitionPool:
         # just finished a response is fresh. Checkout checks before reuse.
         if reusable and not self.closed and conn.is_idle() and conn.is_available():
             self._idle.setdefault(origin, []).append(conn)
-            self._idle_lru[conn] = origin
+            self._idle_count += 1
             now = time.monotonic()
-            closing.extend(self._ledger.park(conn, self, now, now + self._expiry))
-            while len(self._idle_lru) > self._keepalive:
-                old = next(iter(self._idle_lru))
+            closing.extend(self._ledger.park(conn, self, now, now + self._expiry, origin))
+            while self._idle_count > self._keepalive:
+                old, old_origin = self._least_recently_used()
                 self._ledger.unpark(old)
-                self.evicted(old)
+                self.evicted(old, old_origin)
                 self._ledger.closed()
                 closing.append(old)
         else:
@@ -317,13 +317,25 @@ class PartitionPool:
         if closing:
             await close_connections(closing)
 
-    def evicted(self, conn: AsyncConnectionInterface) -> None:
+    def _least_recently_used(self) -> tuple[AsyncConnectionInterface, _OriginKey]:
+        """The partition's idle connection parked longest ago, and its origin.
+
+        The oldest of each origin's stack is its first; among those, the one
+        whose keepalive runs out first (every connection of a pool has the
+        same keepalive). O(origins of the partition), only past the cap.
+        """
+        idle = self._ledger.idle
+        origin = min(self._idle, key=lambda o: idle[self._idle[o][0]].expires)
+        return self._idle[origin][0], origin
+
+    def evicted(self, conn: AsyncConnectionInterface, origin: object) -> None:
         """Forget an idle connection that the ledger or the keepalive cap is closing."""
-        origin = self._idle_lru.pop(conn)
-        idle = self._idle[origin]
+        key: Any = origin
+        idle = self._idle[key]
         idle.remove(conn)
         if not idle:
-            del self._idle[origin]
+            del self._idle[key]
+        self._idle_count -= 1
         self.evictions += 1
         self._ledger.evictions += 1
 
@@ -339,11 +351,16 @@ class PartitionPool:
 
     def _take_idle(self) -> list[AsyncConnectionInterface]:
         """Forget every idle connection (still counted in the ledger) and return them."""
-        conns = list(self._idle_lru)
+        idle = self._ledger.idle
+        # In the order they went idle, as the ledger has them.
+        conns = sorted(
+            (conn for stack in self._idle.values() for conn in stack),
+            key=lambda conn: idle[conn].expires,
+        )
         for conn in conns:
             self._ledger.unpark(conn)
         self._idle.clear()
-        self._idle_lru.clear()
+        self._idle_count = 0
         return conns
 
     async def aclose(self) -> None:

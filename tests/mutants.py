@@ -186,9 +186,9 @@ MUTANTS: list[Mutant] = [
         (
             "hostpool/_ledger.py",
             "while self.open >= self.max_connections and self.idle:\n"
-            "            conn, pool = self.idle.popitem(last=False)",
+            "            conn, parked = self.idle.popitem(last=False)",
             "while self.open >= self.max_connections and self.idle:\n"
-            "            conn, pool = self.idle.popitem(last=True)",
+            "            conn, parked = self.idle.popitem(last=True)",
         ),
     ),
     _loopback(
@@ -217,8 +217,8 @@ MUTANTS: list[Mutant] = [
         "one idle socket over a quota's keepalive",
         (
             "hostpool/_pool.py",
-            "while len(self._idle_lru) > self._keepalive:",
-            "while len(self._idle_lru) > self._keepalive + 1:",
+            "while self._idle_count > self._keepalive:",
+            "while self._idle_count > self._keepalive + 1:",
         ),
     ),
     _loopback(

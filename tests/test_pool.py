@@ -105,7 +105,7 @@ def assert_agrees_with_ledger(pool: PartitionPool, ledger: SocketLedger) -> None
     """The pool is the ledger's only partition: both count the same sockets."""
     assert ledger.open == pool.sockets_open
     assert len(ledger.idle) == pool.sockets_idle
-    assert all(owner is pool for owner in ledger.idle.values())
+    assert all(parked.owner is pool for parked in ledger.idle.values())
     assert ledger.opened == pool.opened
     assert ledger.evictions == pool.evictions
 
@@ -219,7 +219,7 @@ async def test_the_router_keepalive_cap_closes_the_lru_idle_connection_of_anothe
     assert (a.sockets_open, a.evictions) == (0, 1)
     assert (b.sockets_open, b.sockets_idle, b.evictions) == (1, 1, 0)
     assert ledger.evictions == 1
-    assert ledger.open == 1 and list(ledger.idle.values()) == [b]
+    assert ledger.open == 1 and [p.owner for p in ledger.idle.values()] == [b]
 
 
 async def test_at_the_socket_ceiling_a_new_connection_closes_the_lru_idle_one_elsewhere() -> None:
