@@ -140,41 +140,87 @@ def _current_loop() -> object:
     return library  # pragma: no cover - other anyio backends
 
 
-def _clock_of(loop: object) -> Callable[[], float]:
-    """Return the clock anyio uses on ``loop``, without anyio's per-call backend lookup.
+class _Waiting:
+    """How requests wait on the bound event loop: chosen once per loop (any anyio backend).
 
-    Called on every request (idle clocks, the sweep), so it is bound once per
-    event loop: ``anyio.current_time()`` asks sniffio which library runs each
-    time, which costs more than the rest of the bookkeeping around it.
+    ``park`` returns when the ticket is woken (a grant, the router closing)
+    or its deadline passes (the caller tells them apart by the ticket's
+    status), and raises when cancelled from outside. ``clock`` is the loop's
+    clock, bound once: ``anyio.current_time()`` asks sniffio which library
+    runs each time, which costs more than the bookkeeping around it.
     """
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        return loop.time
-    return anyio.current_time
 
+    def __init__(self, loop: object) -> None:
+        self.loop = loop
+        self.clock: Callable[[], float] = anyio.current_time
 
-def _notify(payload: object) -> None:
-    """Wake a parked request: its asyncio future, or its anyio event (no-op if woken)."""
-    if isinstance(payload, asyncio.Future):
-        if not payload.done():
-            payload.set_result(None)
-    elif isinstance(payload, anyio.Event):
-        payload.set()
-
-
-def _loop_alive(loop: object) -> bool:
-    """Tell whether the event loop identified by ``loop`` still runs."""
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        return not loop.is_closed()
-    try:
-        import trio
-    except ImportError:  # pragma: no cover - trio tokens only exist with trio
-        return True
-    if isinstance(loop, trio.lowlevel.TrioToken):
+    def alive(self) -> bool:
+        """Tell whether the loop still runs (a trio run that ended does not)."""
         try:
-            loop.run_sync_soon(lambda: None)
-        except trio.RunFinishedError:
-            return False
-    return True
+            import trio
+        except ImportError:  # pragma: no cover - trio tokens only exist with trio
+            return True
+        if isinstance(self.loop, trio.lowlevel.TrioToken):
+            try:
+                self.loop.run_sync_soon(lambda: None)
+            except trio.RunFinishedError:
+                return False
+        return True
+
+    async def park(self, ticket: Ticket, start: float, patience: float | None) -> None:
+        """Sleep on an anyio Event until woken, or until ``start + patience``."""
+        event = anyio.Event()
+        ticket.payload = event
+        deadline = math.inf if patience is None else start + patience
+        with anyio.CancelScope(deadline=deadline):
+            await event.wait()
+
+    @staticmethod
+    def wake(payload: Any) -> None:
+        """Wake a parked request (no-op if it already woke)."""
+        if payload is not None:
+            payload.set()
+
+
+class _AsyncioWaiting(_Waiting):
+    """:class:`_Waiting` on asyncio (its own loop or uvloop): a bare future and one timer.
+
+    The same contract. An anyio cancel scope around the request still works:
+    it cancels the task, and so the awaited future. Under load half the
+    requests wait (more requests than sockets), and an anyio Event plus a
+    CancelScope with a deadline cost several times this (benchmarks:
+    throughput at concurrency 200).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._asyncio = loop
+        self.clock = loop.time
+
+    def alive(self) -> bool:
+        return not self._asyncio.is_closed()
+
+    async def park(self, ticket: Ticket, start: float, patience: float | None) -> None:
+        loop = self._asyncio
+        future = loop.create_future()
+        ticket.payload = future
+        timer = None if patience is None else loop.call_at(start + patience, self.wake, future)
+        try:
+            await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    @staticmethod
+    def wake(payload: Any) -> None:
+        if payload is not None and not payload.done():
+            payload.set_result(None)
+
+
+def _waiting_on(loop: object) -> _Waiting:
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return _AsyncioWaiting(loop)
+    return _Waiting(loop)
 
 
 class Admission:
@@ -212,11 +258,10 @@ class Admission:
         # and remove themselves): closing the router closes them, so every
         # slot comes back even if a caller abandoned a stream.
         self.open_bodies: set[Any] = set()
-        self._loop: object | None = None
-        # The bound loop's clock (anyio's clock, looked up once): see _clock_of.
+        # How requests wait on the bound event loop (None until first use).
+        self._waiting: _Waiting | None = None
+        # The bound loop's clock (looked up once per loop, see _Waiting).
         self._clock: Callable[[], float] = anyio.current_time
-        # The bound loop when it is asyncio's: waiters park on a bare future.
-        self._asyncio_loop: asyncio.AbstractEventLoop | None = None
         self.totals = _Totals()
         self.router_wait = WaitHistogram()
         self.closed = False
@@ -346,9 +391,10 @@ class Admission:
 
     def _check_loop(self) -> None:
         loop = _current_loop()
-        if loop is self._loop:
+        waiting = self._waiting
+        if waiting is not None and loop is waiting.loop:
             return
-        if self._loop is not None and _loop_alive(self._loop) and self._busy():
+        if waiting is not None and waiting.alive() and self._busy():
             raise RuntimeError(
                 "this HostRouter is in use by another event loop; "
                 "create one router per event loop (or per thread)"
@@ -356,7 +402,7 @@ class Admission:
         # First use, or the previous loop is gone or left nothing in flight:
         # bind to this one. Sockets and waiters of the previous loop cannot be
         # used from here, so start from a clean slate.
-        if self._loop is not None:
+        if waiting is not None:
             for partition in self._partitions.values():
                 self._retire(partition)
             self._partitions.clear()
@@ -368,9 +414,8 @@ class Admission:
             # Their pools went with the partitions: the connections belong to
             # a loop we no longer run in, and can be neither used nor closed.
             self.open_bodies.clear()
-        self._loop = loop
-        self._clock = _clock_of(loop)
-        self._asyncio_loop = loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+        self._waiting = _waiting_on(loop)
+        self._clock = self._waiting.clock
 
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(
@@ -430,11 +475,10 @@ class Admission:
     async def _wait(self, partition: Partition, ticket: Ticket, patience: float | None) -> Ticket:
         clock = self._clock
         start = clock()
+        waiting = self._waiting
+        assert waiting is not None  # bound by admit()
         try:
-            if self._asyncio_loop is not None:
-                await self._park_asyncio(self._asyncio_loop, ticket, start, patience)
-            else:
-                await self._park_anyio(ticket, start, patience)
+            await waiting.park(ticket, start, patience)
         except BaseException:
             # Cancelled from outside. If a release handed us the slot in the
             # meantime, hand it on; otherwise leave the queue. Either way
@@ -463,38 +507,6 @@ class Admission:
             waited=waited,
         )
 
-    @staticmethod
-    async def _park_anyio(ticket: Ticket, start: float, patience: float | None) -> None:
-        """Sleep until the ticket is woken or ``patience`` passes (any anyio backend)."""
-        event = anyio.Event()
-        ticket.payload = event
-        deadline = math.inf if patience is None else start + patience
-        with anyio.CancelScope(deadline=deadline):
-            await event.wait()
-
-    @staticmethod
-    async def _park_asyncio(
-        loop: asyncio.AbstractEventLoop, ticket: Ticket, start: float, patience: float | None
-    ) -> None:
-        """:meth:`_park_anyio` for asyncio, on a bare future and one timer.
-
-        The same contract: return when woken (by a grant, the router closing,
-        or the deadline: the caller tells them apart by the ticket's status),
-        raise when cancelled from outside. An anyio cancel scope around the
-        request still works: it cancels the task, and so the awaited future.
-        Under load half the requests wait (more requests than sockets), and
-        an anyio Event plus a CancelScope with a deadline cost several times
-        this (benchmarks: throughput at concurrency 200).
-        """
-        future = loop.create_future()
-        ticket.payload = future
-        timer = None if patience is None else loop.call_at(start + patience, _notify, future)
-        try:
-            await future
-        finally:
-            if timer is not None:
-                timer.cancel()
-
     def forfeit(self, ticket: Ticket) -> None:
         """Give up a ticket, whatever its state: waiting, granted, or gone."""
         partition = self._current(ticket)
@@ -521,7 +533,12 @@ class Admission:
 
     def _wake(self, ticket: Ticket) -> None:
         self._on_granted(ticket)
-        _notify(ticket.payload)
+        self._wake_payload(ticket.payload)
+
+    def _wake_payload(self, payload: Any) -> None:
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.wake(payload)
 
     def _on_granted(self, ticket: Ticket) -> None:
         lane = ticket.lane
@@ -553,7 +570,7 @@ class Admission:
         self.closed = True
         lanes = [p.lane for p in self._partitions.values()]
         for ticket in self.scheduler.drain(lanes):
-            _notify(ticket.payload)
+            self._wake_payload(ticket.payload)
 
     async def aclose(self) -> None:
         """Close everything: fail waiters, close open bodies (slots back), close every socket.

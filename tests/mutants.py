@@ -253,8 +253,8 @@ MUTANTS: list[Mutant] = [
         ),
         (
             "hostpool/_admission.py",
-            "loop.call_at(start + patience, _notify, future)",
-            "loop.call_at(start + patience * 4, _notify, future)",
+            "loop.call_at(start + patience, self.wake, future)",
+            "loop.call_at(start + patience * 4, self.wake, future)",
         ),
     ),
     _loopback(
@@ -273,7 +273,8 @@ MUTANTS: list[Mutant] = [
         "waiters never time out under asyncio (the future's path)",
         (
             "hostpool/_admission.py",
-            "timer = None if patience is None else loop.call_at(start + patience, _notify, future)",
+            "timer = None if patience is None else loop.call_at("
+            "start + patience, self.wake, future)",
             "timer = None",
         ),
     ),
