@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -221,6 +221,16 @@ def _waiting_on(loop: object) -> _Waiting:
     if isinstance(loop, asyncio.AbstractEventLoop):
         return _AsyncioWaiting(loop)
     return _Waiting(loop)
+
+
+async def _collect(step: Awaitable[None], errors: list[BaseException]) -> None:
+    """Run one closing step; keep its error (logged) for the end instead of stopping."""
+    try:
+        await step
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            logger.warning("error while closing the HostRouter", exc_info=True)
+        errors.append(exc)
 
 
 class Admission:
@@ -576,20 +586,27 @@ class Admission:
         """Close everything: fail waiters, close open bodies (slots back), close every socket.
 
         Idempotent. Requests still sending fail as their connections close.
+        Every step runs even if an earlier one fails (a user's transport
+        whose body raises on close); the first error is raised at the end.
         """
         self.close()
+        errors: list[BaseException] = []
         for body in list(self.open_bodies):
-            await body.aclose()
+            await _collect(body.aclose(), errors)
         ledger = self.ledger
         retired = ledger.take_retired()
-        await close_connections(retired)
-        ledger.closed(len(retired))
+        try:
+            await _collect(close_connections(retired), errors)
+        finally:
+            ledger.closed(len(retired))
         for partition in list(self._partitions.values()):
             for pool in partition.pools.values():
-                await pool.aclose()
+                await _collect(pool.aclose(), errors)
         for partition in list(self._partitions.values()):
             if partition.lane.idle:
                 self._drop(partition)
+        if errors:
+            raise errors[0]
 
     # -- figures -------------------------------------------------------------
 

@@ -36,6 +36,7 @@ not there (a renamed attribute, a different class): slower, never wrong.
 from __future__ import annotations
 
 import datetime
+import inspect
 import ssl
 import time
 import weakref
@@ -84,14 +85,31 @@ def keepalive_expiry(pool: httpcore.AsyncConnectionPool) -> float | None:
 
 # -- mocking libraries ---------------------------------------------------------
 
-# The methods as httpx and httpcore define them. respx patches the pool classes'
-# handle_async_request, pytest-httpx patches AsyncHTTPTransport's; either way
-# the class attribute is no longer the function captured here.
-_GENUINE_TRANSPORT_SEND = httpx.AsyncHTTPTransport.handle_async_request
-_GENUINE_POOL_SEND: dict[type[Any], Any] = {
-    cls: cls.handle_async_request
-    for cls in (httpcore.AsyncConnectionPool, httpcore.AsyncHTTPProxy, httpcore.AsyncSOCKSProxy)
-}
+# respx patches the pool classes' handle_async_request, pytest-httpx patches
+# AsyncHTTPTransport's. A tracer (OpenTelemetry's httpx instrumentation,
+# Logfire) wraps the same method but keeps the original reachable through
+# ``__wrapped__``, as functools.wraps and wrapt do: that is not a mock, and
+# hostpool's own pools must keep working under it.
+_POOL_CLASSES = (httpcore.AsyncConnectionPool, httpcore.AsyncHTTPProxy, httpcore.AsyncSOCKSProxy)
+_verdicts: dict[int, tuple[object, bool]] = {}
+
+
+def _replaced(function: object, module: str) -> bool:
+    """Tell whether ``function``, once unwrapped, is not ``module``'s own code.
+
+    Judged by where the innermost function was defined, so it does not
+    matter whether hostpool was imported before or after the mock started.
+    One verdict per class attribute is cached, keyed by the object's identity.
+    """
+    seen = _verdicts.get(id(function))
+    if seen is not None and seen[0] is function:
+        return seen[1]
+    inner = inspect.unwrap(function)  # type: ignore[arg-type]
+    verdict = not getattr(inner, "__module__", "").startswith(module)
+    if len(_verdicts) > 64:  # mocks come and go in a test run: stay small
+        _verdicts.clear()
+    _verdicts[id(function)] = (function, verdict)
+    return verdict
 
 
 def is_mocked(transport: httpx.AsyncHTTPTransport, pool: httpcore.AsyncConnectionPool) -> bool:
@@ -101,10 +119,10 @@ def is_mocked(transport: httpx.AsyncHTTPTransport, pool: httpcore.AsyncConnectio
     ``httpx.AsyncClient``, so that the mock sees the same request (proxied
     requests keep their target URL and proxy URL). Admission still applies.
     """
-    if httpx.AsyncHTTPTransport.handle_async_request is not _GENUINE_TRANSPORT_SEND:
+    if _replaced(type(transport).handle_async_request, "httpx."):
         return True
-    genuine = _GENUINE_POOL_SEND.get(type(pool))
-    return genuine is not None and type(pool).handle_async_request is not genuine
+    pool_class = type(pool)
+    return pool_class in _POOL_CLASSES and _replaced(pool_class.handle_async_request, "httpcore.")
 
 
 # -- direct connections ----------------------------------------------------------

@@ -35,13 +35,14 @@ class _Owner(Protocol):
 
 
 class Parked:
-    """What the ledger knows of one idle connection: whose it is, its origin, its deadline."""
+    """What the ledger knows of one idle connection: whose, its origin, since and until when."""
 
-    __slots__ = ("expires", "origin", "owner")
+    __slots__ = ("expires", "origin", "owner", "since")
 
-    def __init__(self, owner: _Owner, origin: object, expires: float) -> None:
+    def __init__(self, owner: _Owner, origin: object, since: float, expires: float) -> None:
         self.owner = owner
         self.origin = origin
+        self.since = since
         self.expires = expires
 
     def __repr__(self) -> str:
@@ -99,7 +100,7 @@ class SocketLedger:
         roughly in the order they went idle, so checking the head clears them
         over time in O(1) per call, with no system call.
         """
-        self.idle[conn] = Parked(pool, origin, expires)
+        self.idle[conn] = Parked(pool, origin, now, expires)
         closing: list[AsyncConnectionInterface] = []
         while len(self.idle) > self.max_keepalive:
             old, parked = self.idle.popitem(last=False)

@@ -62,13 +62,23 @@ _CLOSE_TIMEOUT = 5.0
 
 
 async def close_connections(conns: Iterable[AsyncConnectionInterface]) -> None:
-    """Close connections, shielded: a cancelled caller must not leak sockets."""
+    """Close every connection, shielded: a cancelled caller must not leak sockets.
+
+    anyio's shield does not stop asyncio's own ``Task.cancel()`` (what
+    ``asyncio.timeout()`` and ``wait_for`` use): such a cancellation is held
+    until every connection is closed, then raised.
+    """
+    cancelled: BaseException | None = None
     with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _CLOSE_TIMEOUT):
         for conn in conns:
             try:
                 await conn.aclose()
             except Exception:  # pragma: no cover - closing is best effort
                 logger.debug("error closing %r", conn, exc_info=True)
+            except BaseException as exc:  # cancelled from outside the shield
+                cancelled = cancelled or exc
+    if cancelled is not None:
+        raise cancelled
 
 
 class PartitionPool:
@@ -167,6 +177,10 @@ class PartitionPool:
         while True:
             conn, shareable, new = await self._checkout(origin, key)
             self._active[conn] = self._active.get(conn, 0) + 1
+            if self._closed_meanwhile():
+                # aclose() ran while the checkout made room: do not connect.
+                await self._finish(conn, key)
+                raise RouterClosed("the HostRouter was closed while this request was sent")
             if shareable:
                 self._share(conn, key)
             try:
@@ -255,38 +269,52 @@ class PartitionPool:
         ledger = self._ledger
         if ledger.retired:
             retired = ledger.take_retired()
-            await close_connections(retired)
-            ledger.closed(len(retired))
+            try:
+                await close_connections(retired)
+            finally:
+                ledger.closed(len(retired))
         idle = self._idle.get(key)
         discard: list[AsyncConnectionInterface] = []
+        chosen: tuple[AsyncConnectionInterface, bool, bool] | None = None
         try:
             while idle:
                 conn = idle.pop()
                 self._idle_count -= 1
                 self._ledger.unpark(conn)
                 if conn.is_available() and not conn.has_expired():
-                    return conn, conn in self._multiplexed, False
+                    chosen = (conn, conn in self._multiplexed, False)
+                    break
                 # Expired, or the server closed it while idle: the next
                 # request goes to a fresh connection, as httpx does.
                 discard.append(conn)
                 self._ledger.closed()
-            for conn in self._ledger.reserve():
-                discard.append(conn)
-            self.opened += 1
-            try:
-                conn = self._factory.create_connection(origin)
-            except BaseException:
-                self._ledger.closed()
-                raise
-            tune_direct_connection(conn, AsyncioBackend)
-            # True when HTTP/2 is possible (https, http2=True): let concurrent
-            # requests wait on this connection rather than open their own.
-            return conn, conn.is_available(), True
+            if chosen is None:
+                discard.extend(self._ledger.reserve())
+                self.opened += 1
+                try:
+                    conn = self._factory.create_connection(origin)
+                except BaseException:
+                    self._ledger.closed()
+                    raise
+                tune_direct_connection(conn, AsyncioBackend)
+                # True when HTTP/2 is possible (https, http2=True): let concurrent
+                # requests wait on this connection rather than open their own.
+                chosen = (conn, conn.is_available(), True)
         finally:
             if idle is not None and not idle:
                 self._idle.pop(key, None)
             if discard:
-                await close_connections(discard)
+                try:
+                    await close_connections(discard)
+                except BaseException:
+                    # Cancelled (asyncio's own Task.cancel()) while closing
+                    # what made room: the chosen connection, counted, is not
+                    # handed out. Close and uncount it.
+                    if chosen is not None:
+                        self._ledger.closed()
+                        await close_connections([chosen[0]])
+                    raise
+        return chosen
 
     async def _finish(self, conn: AsyncConnectionInterface, origin: _OriginKey) -> None:
         """One stream of ``conn`` ended: keep the connection idle, or close it."""
@@ -321,11 +349,10 @@ class PartitionPool:
         """The partition's idle connection parked longest ago, and its origin.
 
         The oldest of each origin's stack is its first; among those, the one
-        whose keepalive runs out first (every connection of a pool has the
-        same keepalive). O(origins of the partition), only past the cap.
+        parked first. O(origins of the partition), only past the cap.
         """
         idle = self._ledger.idle
-        origin = min(self._idle, key=lambda o: idle[self._idle[o][0]].expires)
+        origin = min(self._idle, key=lambda o: idle[self._idle[o][0]].since)
         return self._idle[origin][0], origin
 
     def evicted(self, conn: AsyncConnectionInterface, origin: object) -> None:
@@ -355,7 +382,7 @@ class PartitionPool:
         # In the order they went idle, as the ledger has them.
         conns = sorted(
             (conn for stack in self._idle.values() for conn in stack),
-            key=lambda conn: idle[conn].expires,
+            key=lambda conn: idle[conn].since,
         )
         for conn in conns:
             self._ledger.unpark(conn)
@@ -369,9 +396,11 @@ class PartitionPool:
         for scope in self._sending:
             scope.cancel()
         idle = self._take_idle()
-        await close_connections([*idle, *self._active])
-        # Active connections are uncounted when their streams finish.
-        self._ledger.closed(len(idle))
+        try:
+            await close_connections([*idle, *self._active])
+        finally:
+            # Active connections are uncounted when their streams finish.
+            self._ledger.closed(len(idle))
 
     async def __aenter__(self) -> PartitionPool:
         return self

@@ -31,8 +31,10 @@ even when ``timeout`` is None or longer, ending in ``ConnectError``.
   open when they fail or are cancelled. IP literals are connected without
   the resolver (``loop.getaddrinfo`` runs in the default executor); names go
   through happy eyeballs (:func:`_open_socket`).
-- ``aclose`` shuts the socket down before it first yields: the socket
-  ledger counts a socket closed as soon as it decides to close it (G2).
+- ``aclose`` shuts the socket down before it first yields where the loop's
+  socket object allows it (asyncio's own loop; uvloop's half-closes through
+  the transport on its next pass): the socket ledger counts a socket closed
+  as soon as it decides to close it (G2).
 - Cancellation (an anyio cancel scope, or ``Task.cancel``) interrupts any
   wait and leaves the stream consistent: the waiter is cleared, no timer is
   left armed.
@@ -68,6 +70,19 @@ _TIMED_OUT = object()
 
 # anyio.connect_tcp's default delay between happy-eyeballs attempts (RFC 6555).
 _HAPPY_EYEBALLS_DELAY = 0.25
+
+
+def _shut_down(sock: Any) -> bool:
+    """Shut both directions of a transport's socket down at once; False if it refuses."""
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return True  # not connected any more: nothing left to shut down
+    except (TypeError, AttributeError, NotImplementedError):
+        return False  # uvloop's socket object: only the transport may close it
+    return True
 
 
 def _socket_readable(sock: Any) -> bool:
@@ -214,14 +229,19 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._closed = True
         _resolve(self._protocol.read_waiter)
         _resolve(self._protocol.write_waiter)
-        # As anyio's SocketStream does, through the transport alone (uvloop's
-        # socket object refuses shutdown()): half-close first, which asyncio's
-        # own loop sends at once, before anything else runs (the ledger has
-        # already counted this socket closed, and the peer should see it go
-        # before another request's connect); then close, give the loop the
-        # pass in which it closes the descriptor, and abort whatever is left.
+        # The ledger has already counted this socket closed, so the peer
+        # should see it go before anything else runs (another request's
+        # connect). Shut it down now where the loop's socket object allows it
+        # (asyncio's does, for TLS too; uvloop's refuses with TypeError), or
+        # half-close through the transport (uvloop: on its next pass); then,
+        # as anyio's SocketStream does: close, give the loop the pass in
+        # which it closes the descriptor, and abort whatever is left.
         transport = self._transport
-        if not transport.is_closing() and transport.can_write_eof():
+        if (
+            not _shut_down(transport.get_extra_info("socket"))
+            and not transport.is_closing()
+            and transport.can_write_eof()
+        ):
             with contextlib.suppress(OSError, RuntimeError):
                 transport.write_eof()
         transport.close()

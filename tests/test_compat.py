@@ -7,6 +7,7 @@ line of ``_compat.py`` to update, and the rest of hostpool is untouched.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pathlib
@@ -132,6 +133,21 @@ def test_mocking_is_detected_by_patched_classes(monkeypatch: pytest.MonkeyPatch)
     with monkeypatch.context() as patch:
         patch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", patched)
         assert _compat.is_mocked(transport, pool)
+    assert not _compat.is_mocked(transport, pool)
+
+
+def test_a_tracing_wrapper_is_not_taken_for_a_mock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # OpenTelemetry's and Logfire's httpx instrumentation wrap the method and
+    # keep the original reachable (__wrapped__): hostpool's pools stay on.
+    transport = httpx.AsyncHTTPTransport()
+    pool = _compat.transport_pool(transport)
+    original = httpx.AsyncHTTPTransport.handle_async_request
+
+    @functools.wraps(original)
+    async def traced(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
+        return await original(self, request)  # pragma: no cover
+
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", traced)
     assert not _compat.is_mocked(transport, pool)
 
 

@@ -7,6 +7,7 @@ something, quotas, that is asserted too).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from types import TracebackType
 from typing import Any
@@ -290,3 +291,65 @@ async def test_pytest_httpx_without_a_proxy_does_not_match_a_proxy_url(
     httpx_mock.add_response(url="https://foo.bar/x", text="direct")
     async with client_class(trust_env=False) as client:
         assert (await client.get("https://foo.bar/x")).text == "direct"
+
+
+async def test_a_tracing_wrapper_on_httpx_keeps_hostpools_own_pools(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The shape of OpenTelemetry's and Logfire's httpx instrumentation: the
+    # transport method wrapped, the original kept as __wrapped__. Requests
+    # are traced, and still go through the partition's own pool.
+    from upstream import Upstream
+
+    original = httpx.AsyncHTTPTransport.handle_async_request
+    traced: list[str] = []
+
+    @functools.wraps(original)
+    async def tracing(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
+        traced.append(str(request.url))
+        return await original(self, request)
+
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", tracing)
+    with Upstream.start(hosts=("127.0.0.1",)) as upstream:
+        url = upstream.url("127.0.0.1", "/ok")
+        async with HostRouter(quotas={"127.0.0.1": 2}) as client:
+            for _ in range(3):
+                assert (await client.get(url)).text == "ok"
+            partition = client.stats().partitions["127.0.0.1"]
+    assert traced == [url] * 3
+    assert partition.connections_opened == 1 and partition.sockets_idle == 1
+    assert upstream.stats("127.0.0.1").accepted == 1
+
+
+class _BrokenCloseStream(httpx.AsyncByteStream):
+    """A body whose close fails, as a user's transport's may."""
+
+    def __init__(self, log: list[str], name: str, fail: bool) -> None:
+        self.log, self.name, self.fail = log, name, fail
+
+    async def __aiter__(self) -> Any:
+        yield b"x"
+
+    async def aclose(self) -> None:
+        self.log.append(self.name)
+        if self.fail:
+            raise OSError(f"{self.name} cannot close")
+
+
+async def test_closing_the_router_closes_every_body_even_when_they_fail() -> None:
+    closed: list[str] = []
+    names = iter(["first", "second", "third"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        name = next(names)
+        return httpx.Response(200, stream=_BrokenCloseStream(closed, name, fail=True))
+
+    client = HostRouter(transport=httpx.MockTransport(handler))
+    for host in ("a.example", "b.example", "c.example"):
+        await client.send(client.build_request("GET", f"https://{host}/"), stream=True)
+    assert client.stats().in_flight == 3
+    with pytest.raises(OSError, match="cannot close"):
+        await client.aclose()
+    assert sorted(closed) == ["first", "second", "third"]
+    stats = client.stats()
+    assert (stats.in_flight, stats.waiting) == (0, 0)
