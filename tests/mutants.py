@@ -36,6 +36,7 @@ SCHEDULER_TESTS = ["tests/test_scheduler.py", "tests/properties/test_scheduler_m
 LOOPBACK_TESTS = [
     "tests/test_ledger.py",
     "tests/test_pool.py",
+    "tests/test_admission.py",
     "tests/integration/test_router_loopback.py",
     "tests/integration/test_faults.py",
     "tests/integration/test_peer_regressions.py",
