@@ -169,6 +169,11 @@ class HostRouter(ClientSeams):
         Called by AsyncClient's constructor for the transports it builds.
         """
         if isinstance(transport, AdmissionTransport):
+            if transport.admission is not self._hp_admission:
+                raise ValueError(
+                    "this transport belongs to another HostRouter (its quotas and "
+                    "sockets are that router's): give each router its own transport"
+                )
             return transport
         if type(transport) is httpx.AsyncHTTPTransport:
             # A plain httpx transport (retries=, local_address=, uds=, ...):

@@ -36,6 +36,11 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
         self._admission = admission
         self.inner = inner
 
+    @property
+    def admission(self) -> Admission:
+        """The admission (router state) this transport admits requests to."""
+        return self._admission
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         admission = self._admission
         try:

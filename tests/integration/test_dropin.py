@@ -353,3 +353,11 @@ async def test_closing_the_router_closes_every_body_even_when_they_fail() -> Non
     assert sorted(closed) == ["first", "second", "third"]
     stats = client.stats()
     assert (stats.in_flight, stats.waiting) == (0, 0)
+
+
+def test_a_transport_of_another_router_is_refused_at_construction() -> None:
+    first = HostRouter(transport=httpx.MockTransport(lambda request: httpx.Response(200)))
+    with pytest.raises(ValueError, match="belongs to another HostRouter"):
+        HostRouter(transport=first._transport)
+    with pytest.raises(ValueError, match="belongs to another HostRouter"):
+        HostRouter(mounts={"https://x.example": first._transport})
