@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import datetime
 import inspect
-import ssl
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -222,47 +221,14 @@ class ClientSeams(httpx.AsyncClient):
     def _hp_wrap(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
         raise NotImplementedError
 
-    def _init_transport(
-        self,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: Any = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> httpx.AsyncBaseTransport:
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(
-                verify=verify,
-                cert=cert,
-                trust_env=trust_env,
-                http1=http1,
-                http2=http2,
-                limits=limits,
-            )
-        return self._hp_wrap(transport)
+    # AsyncClient.__init__ builds every transport through these two (the
+    # user's transport=, its own default, one per proxy): let httpx build
+    # them with its own arguments and defaults, then put admission in front.
+    def _init_transport(self, *args: Any, **kwargs: Any) -> httpx.AsyncBaseTransport:
+        return self._hp_wrap(super()._init_transport(*args, **kwargs))
 
-    def _init_proxy_transport(
-        self,
-        proxy: httpx.Proxy,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: Any = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-    ) -> httpx.AsyncBaseTransport:
-        transport = httpx.AsyncHTTPTransport(
-            verify=verify,
-            cert=cert,
-            trust_env=trust_env,
-            http1=http1,
-            http2=http2,
-            limits=limits,
-            proxy=proxy,
-        )
-        return self._hp_wrap(transport)
+    def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx.AsyncBaseTransport:
+        return self._hp_wrap(super()._init_proxy_transport(*args, **kwargs))
 
     async def _send_single_request(self, request: httpx.Request) -> httpx.Response:
         response = await super()._send_single_request(request)
