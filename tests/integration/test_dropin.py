@@ -33,6 +33,22 @@ PROXY = "http://127.0.0.9:1"  # nothing listens there: a request that escapes th
 # -- the lifecycle of the user's transports --------------------------------------
 
 
+class Gate:
+    """A mock handler that holds every request until released, counting how many are inside."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.peak = 0
+        self.release = anyio.Event()
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        self.inside += 1
+        self.peak = max(self.peak, self.inside)
+        await self.release.wait()
+        self.inside -= 1
+        return httpx.Response(200)
+
+
 class Recording(httpx.AsyncBaseTransport):
     """A transport that writes down every lifecycle call it receives."""
 
@@ -174,19 +190,10 @@ async def _use_then_raise(client: httpx.AsyncClient, error: Exception) -> None:
 
 
 async def test_respx_mock_transport_keeps_quotas() -> None:
-    inside = peak = 0
-    release = anyio.Event()
-
-    async def slow(request: httpx.Request) -> httpx.Response:
-        nonlocal inside, peak
-        inside += 1
-        peak = max(peak, inside)
-        await release.wait()
-        inside -= 1
-        return httpx.Response(200)
+    gate = Gate()
 
     mock = respx.Router()
-    mock.get("https://slow.example/").mock(side_effect=slow)
+    mock.get("https://slow.example/").mock(side_effect=gate.handler)
     client = HostRouter(
         transport=httpx.MockTransport(mock.async_handler), quotas={"slow.example": 2}
     )
@@ -196,9 +203,9 @@ async def test_respx_mock_transport_keeps_quotas() -> None:
         with anyio.fail_after(5):
             while client.stats().waiting < 3:
                 await anyio.sleep(0.005)
-        assert inside == 2
-        release.set()
-    assert peak == 2
+        assert gate.inside == 2
+        gate.release.set()
+    assert gate.peak == 2
 
 
 # -- proxies under mocks ------------------------------------------------------------
@@ -244,19 +251,10 @@ async def test_respx_intercepts_proxied_requests(
 @pytest.mark.usefixtures("proxy_env")
 @pytest.mark.parametrize("how", PROXY_SETUPS)
 async def test_respx_proxied_requests_keep_their_quota(how: str) -> None:
-    inside = peak = 0
-    release = anyio.Event()
-
-    async def slow(request: httpx.Request) -> httpx.Response:
-        nonlocal inside, peak
-        inside += 1
-        peak = max(peak, inside)
-        await release.wait()
-        inside -= 1
-        return httpx.Response(200)
+    gate = Gate()
 
     with respx.mock() as mock:
-        mock.get("https://foo.bar/").mock(side_effect=slow)
+        mock.get("https://foo.bar/").mock(side_effect=gate.handler)
         client = _proxied(HostRouter, how, quotas={"foo.bar": 2})
         async with client, anyio.create_task_group() as group:
             for _ in range(5):
@@ -264,9 +262,9 @@ async def test_respx_proxied_requests_keep_their_quota(how: str) -> None:
             with anyio.fail_after(5):
                 while client.stats().waiting < 3:
                     await anyio.sleep(0.005)
-            assert inside == 2
-            release.set()
-    assert peak == 2
+            assert gate.inside == 2
+            gate.release.set()
+    assert gate.peak == 2
 
 
 @pytest.mark.usefixtures("proxy_env")
