@@ -5,19 +5,22 @@
 """
 
 from ._diagnose import Finding
-from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
-from ._quota import PartitionBy, Quota
+from ._errors import FleetUnavailable, PendingLimitExceeded, PoolTimeout, RouterClosed
+from ._quota import FleetQuota, PartitionBy, Quota, Rate
 from ._router import HostRouter
 from ._stats import PartitionStats, RouterStats, WaitSummary
 
 __all__ = [
     "Finding",
+    "FleetQuota",
+    "FleetUnavailable",
     "HostRouter",
     "PartitionBy",
     "PartitionStats",
     "PendingLimitExceeded",
     "PoolTimeout",
     "Quota",
+    "Rate",
     "RouterClosed",
     "RouterStats",
     "WaitSummary",

@@ -22,7 +22,9 @@ import httpx
 import sniffio
 
 from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
+from ._fleet import Fleet
 from ._ledger import SocketLedger
+from ._limits import Bucket, parse_retry_after
 from ._pool import PartitionPool, close_connections
 from ._quota import Partitioner, QuotaEntry, QuotaTable
 from ._scheduler import Lane, Scheduler, Status, Ticket
@@ -42,10 +44,12 @@ class Partition:
     """
 
     __slots__ = (
+        "bucket",
         "counts",
         "entry",
         "key",
         "lane",
+        "paused_until",
         "peak_in_flight",
         "peak_waiting",
         "pools",
@@ -67,6 +71,11 @@ class Partition:
         self.peak_waiting = 0
         self.reserved_admissions = 0
         self.wait = WaitHistogram()
+        # The upstream's limits: the local rate's GCRA state, and the end of
+        # a Retry-After pause (loop clock; -inf: not paused).
+        rate = entry.quota.rate
+        self.bucket = None if rate is None else Bucket(rate)
+        self.paused_until = -math.inf
 
     @property
     def sockets_open(self) -> int:
@@ -88,8 +97,8 @@ class Partition:
         """Idle sockets of the partition closed to respect a keepalive or budget limit."""
         return sum(pool.evictions for pool in self.pools.values())
 
-    def snapshot(self) -> PartitionStats:
-        """Return an immutable snapshot of the partition."""
+    def snapshot(self, now: float) -> PartitionStats:
+        """Return an immutable snapshot of the partition (``now``: the loop's clock)."""
         lane = self.lane
         return PartitionStats(
             key=self.key,
@@ -107,6 +116,7 @@ class Partition:
             peak_waiting=self.peak_waiting,
             reserved_admissions=self.reserved_admissions,
             wait=self.wait.summary(),
+            paused_for=max(0.0, self.paused_until - now),
         )
 
     def __repr__(self) -> str:
@@ -217,6 +227,13 @@ class _AsyncioWaiting(_Waiting):
             payload.set_result(None)
 
 
+def _left(deadline: float, now: float) -> float | None:
+    """Seconds left before ``deadline`` (None: no deadline), never negative."""
+    if deadline == math.inf:
+        return None
+    return max(0.0, deadline - now)
+
+
 def _waiting_on(loop: object) -> _Waiting:
     if isinstance(loop, asyncio.AbstractEventLoop):
         return _AsyncioWaiting(loop)
@@ -248,8 +265,10 @@ class Admission:
         *,
         max_keepalive: int,
         partition_idle_timeout: float,
+        fleet: Fleet | None = None,
     ) -> None:
         self.table = table
+        self.fleet = fleet
         self.partitioner = partitioner
         self.budget = budget
         self.max_keepalive = max_keepalive
@@ -302,15 +321,153 @@ class Admission:
         """
         key, quota_name = self.partitioner(url)
         partition = self._partition(key, quota_name)
-        patience = partition.entry.quota.pool_timeout
+        quota = partition.entry.quota
+        patience = quota.pool_timeout
         if patience is None:
             patience = pool_timeout
-        ticket = await self._acquire(partition, patience)
+        if quota.upstream_limited:
+            ticket = await self._admit_limited(partition, patience)
+        else:
+            ticket = await self._acquire(partition, patience)
         if self.closed:
             # Granted by a release in the same instant the router closed.
             self.release(ticket, failed=True)
             raise RouterClosed(f"{partition.key}: the HostRouter was closed while waiting")
         return ticket
+
+    async def _admit_limited(self, partition: Partition, patience: float | None) -> Ticket:
+        """Admission with the upstream's limits: pause, slot, rate, fleet, in that order.
+
+        A paused partition waits *without* a slot (so a pause never holds
+        budget other partitions could use); a pause that began while a
+        request waited for its slot sends the slot back. The rate's start
+        and the fleet's lease are taken while holding the slot, right
+        before sending, so the upstream sees the rate that was asked for
+        (a start taken earlier could be spent late, in a bunch). Every wait
+        shares one deadline: ``patience`` from now.
+        """
+        clock = self._clock
+        start = clock()
+        deadline = math.inf if patience is None else start + patience
+        partition.counts.requests += 1
+        while True:
+            if partition.paused_until > clock():
+                await self._sit_out_pause(partition, deadline, patience)
+            ticket = await self._acquire(partition, _left(deadline, clock()), count=False)
+            if partition.paused_until > clock():
+                self.forfeit(ticket)  # paused meanwhile: wait it out without the slot
+                continue
+            try:
+                bucket = partition.bucket
+                if bucket is not None:
+                    await self._take_start(partition, bucket, deadline, patience)
+                fleet = self.fleet
+                if fleet is not None and partition.entry.quota.fleet is not None:
+                    pause = await fleet.admit(partition, ticket, deadline, clock)
+                    if pause is not None:
+                        # Paused across the fleet: give the slot back, wait, start over.
+                        self.forfeit(ticket)
+                        self._pause(partition, pause, share=False)
+                        continue
+            except BaseException:
+                self.forfeit(ticket)
+                raise
+            return ticket
+
+    async def _sit_out_pause(
+        self, partition: Partition, deadline: float, patience: float | None
+    ) -> None:
+        """Sleep until the partition's pause ends, or fail now if it outlasts the deadline."""
+        partition.counts.pause_delayed += 1
+        resume = partition.paused_until
+        if resume > deadline:
+            partition.counts.pool_timeouts += 1
+            left = resume - self._clock()
+            logger.info("%s: pool timeout, paused by Retry-After for %.1fs", partition.key, left)
+            raise PoolTimeout(
+                f"{partition.key}: paused by the upstream's Retry-After for another "
+                f"{left:.1f}s, longer than the pool timeout ({patience}s)",
+                partition=partition.key,
+                waited=0.0,
+            )
+        if partition.quiet_since is not None:
+            # Keep it alive (not swept) while requests wait out its pause.
+            partition.quiet_since = None
+            del self._quiet[partition.key]
+        try:
+            await anyio.sleep(resume - self._clock())
+        finally:
+            self._settle(partition)
+
+    async def _take_start(
+        self, partition: Partition, bucket: Bucket, deadline: float, patience: float | None
+    ) -> None:
+        """Reserve the local rate's next start and sleep until it (holding the slot)."""
+        clock = self._clock
+        now = clock()
+        delay = bucket.reserve(now, None if deadline == math.inf else deadline - now)
+        if delay is None:
+            partition.counts.pool_timeouts += 1
+            rate = partition.entry.quota.rate
+            logger.info("%s: pool timeout waiting for the rate %s", partition.key, rate)
+            raise PoolTimeout(
+                f"{partition.key}: the rate {rate} has no start free before the pool "
+                f"timeout ({patience}s); the next is in {bucket.ready_in(now):.3f}s",
+                partition=partition.key,
+                waited=0.0,
+            )
+        if delay > 0.0:
+            partition.counts.rate_delayed += 1
+            mark = bucket.tat
+            try:
+                await anyio.sleep(delay)
+            except BaseException:
+                bucket.refund(mark, clock())
+                raise
+
+    def pause_from(self, partition: Partition, status: int, retry_after: str | None) -> None:
+        """Pause a partition as its upstream's 429/503 ``Retry-After`` asks (capped)."""
+        if retry_after is None:
+            return
+        seconds = parse_retry_after(retry_after)
+        if seconds is None:
+            logger.warning(
+                "%s: ignored a malformed Retry-After %r (status %d)",
+                partition.key,
+                retry_after,
+                status,
+            )
+            return
+        cap = partition.entry.quota.max_retry_after
+        if seconds > cap:
+            logger.info(
+                "%s: Retry-After of %.0fs capped at max_retry_after=%gs",
+                partition.key,
+                seconds,
+                cap,
+            )
+            seconds = cap
+        if seconds > 0:
+            self._pause(partition, seconds, share=True, status=status)
+
+    def _pause(
+        self, partition: Partition, seconds: float, *, share: bool, status: int | None = None
+    ) -> None:
+        until = self._clock() + seconds
+        if until <= partition.paused_until:
+            return  # never shortens a pause
+        partition.paused_until = until
+        if status is not None:
+            partition.counts.pauses += 1
+            logger.warning(
+                "%s: paused for %.1fs by the upstream (status %d with Retry-After)",
+                partition.key,
+                seconds,
+                status,
+            )
+        fleet = self.fleet
+        if share and fleet is not None and partition.entry.quota.fleet is not None:
+            fleet.share_pause(partition.key, seconds)
 
     def partition_of(self, ticket: Ticket) -> Partition:
         """Return the partition a granted ticket belongs to."""
@@ -444,18 +601,22 @@ class Admission:
 
     # -- admission -----------------------------------------------------------
 
-    async def _acquire(self, partition: Partition, patience: float | None) -> Ticket:
+    async def _acquire(
+        self, partition: Partition, patience: float | None, *, count: bool = True
+    ) -> Ticket:
         """Wait for a slot in ``partition``; return the granted ticket.
 
         Raise :class:`PoolTimeout` when ``patience`` (seconds, or None for no
         limit) passes first, :class:`PendingLimitExceeded` when the queue is
         full, and :class:`RouterClosed` when the router closes meanwhile.
+        ``count``: count the request (False when the caller counted it already).
         """
         if self.closed:
             raise RouterClosed("the HostRouter has been closed")
         lane = partition.lane
         ticket = self.scheduler.admit(lane)
-        partition.counts.requests += 1
+        if count:
+            partition.counts.requests += 1
         if partition.quiet_since is not None:
             partition.quiet_since = None
             del self._quiet[partition.key]
@@ -523,6 +684,9 @@ class Admission:
         if partition is None:
             return  # a ticket of a former event loop: its scheduler is gone
         woken = self.scheduler.cancel(ticket)
+        fleet = self.fleet
+        if fleet is not None and fleet.held:
+            fleet.release(ticket)
         if woken is not None:
             self._wake(woken)
         self._settle(partition)
@@ -533,6 +697,9 @@ class Admission:
         if partition is None:
             return  # a ticket of a former event loop: its scheduler is gone
         woken = self.scheduler.release(ticket)
+        fleet = self.fleet
+        if fleet is not None and fleet.held:
+            fleet.release(ticket)
         if failed:
             partition.counts.requests_failed += 1
         else:
@@ -605,6 +772,8 @@ class Admission:
         for partition in list(self._partitions.values()):
             if partition.lane.idle:
                 self._drop(partition)
+        if self.fleet is not None:
+            await _collect(self.fleet.aclose(), errors)
         if errors:
             raise errors[0]
 
@@ -618,9 +787,10 @@ class Admission:
         counts = RequestCounts()
         counts.add(totals.counts)
         partitions: dict[str, PartitionStats] = {}
+        now = self._clock() if self._waiting is not None and self._waiting.alive() else 0.0
         for partition in self._partitions.values():
             counts.add(partition.counts)
-            partitions[partition.key] = partition.snapshot()
+            partitions[partition.key] = partition.snapshot(now)
         return RouterStats(
             budget=scheduler.budget,
             max_keepalive=ledger.max_keepalive,
@@ -637,4 +807,5 @@ class Admission:
             partitions_dropped=totals.dropped,
             wait=self.router_wait.summary(),
             partitions=MappingProxyType(partitions),
+            fleet_degraded=self.fleet is not None and self.fleet.unavailable_since is not None,
         )

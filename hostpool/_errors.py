@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 
-__all__ = ["PendingLimitExceeded", "PoolTimeout", "RouterClosed"]
+__all__ = ["FleetUnavailable", "PendingLimitExceeded", "PoolTimeout", "RouterClosed"]
 
 
 class PoolTimeout(httpx.PoolTimeout):
@@ -41,3 +41,17 @@ class PendingLimitExceeded(PoolTimeout):
 
 class RouterClosed(httpx.TransportError):
     """The router was closed while the request waited for a slot, or before it was sent."""
+
+
+class FleetUnavailable(httpx.TransportError):
+    """The fleet's store (Redis) did not answer, and its policy is ``on_unavailable="fail"``.
+
+    ``partition`` names the partition whose request was refused. The store's
+    own error, if any, is the ``__cause__``.
+    """
+
+    def __init__(
+        self, message: str, *, partition: str, request: httpx.Request | None = None
+    ) -> None:
+        super().__init__(message, request=request)
+        self.partition = partition

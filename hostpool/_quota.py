@@ -18,11 +18,13 @@ import httpx
 
 __all__ = [
     "DEFAULT_GROUP",
+    "FleetQuota",
     "PartitionBy",
     "Partitioner",
     "Quota",
     "QuotaEntry",
     "QuotaTable",
+    "Rate",
     "normalize_host",
 ]
 
@@ -52,6 +54,78 @@ def _check_count(name: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be > 0 and finite; got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A request rate: ``requests`` per ``per`` seconds, ``burst`` of them back to back.
+
+    Enforced as GCRA (a token bucket kept as one timestamp, no timer): one
+    request may start every ``per / requests`` seconds on average, and up to
+    ``burst`` may start at once after a quiet spell. So over any window of
+    ``w`` seconds at most ``burst + w * requests / per`` requests start.
+    ``burst`` defaults to ``requests`` (at least 1).
+
+    >>> Rate(50, per=1.0, burst=10).interval
+    0.02
+    >>> Rate(300).burst_size
+    300
+    """
+
+    requests: float
+    per: float = 1.0
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("Rate requests", self.requests)
+        _check_positive("Rate per", self.per)
+        if self.burst is not None:
+            _check_count("Rate burst", self.burst, minimum=1)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the steady rate."""
+        return self.per / self.requests
+
+    @property
+    def burst_size(self) -> int:
+        """Requests that may start back to back."""
+        if self.burst is not None:
+            return self.burst
+        return max(1, int(self.requests))
+
+    def __str__(self) -> str:
+        return f"{self.requests:g}/{self.per:g}s (burst {self.burst_size})"
+
+
+@dataclass(frozen=True)
+class FleetQuota:
+    """What one partition may use summed over every router of a fleet namespace.
+
+    Applies on top of the local :class:`Quota` (each process still keeps its
+    own), and needs a fleet on the router (``HostRouter(fleet=RedisFleet(...))``).
+    ``max_connections`` caps the requests in flight across the fleet, ``rate``
+    the requests started across the fleet. At least one must be given.
+    """
+
+    max_connections: int | None = None
+    rate: Rate | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_connections is None and self.rate is None:
+            raise ValueError("FleetQuota needs max_connections, rate, or both")
+        if self.max_connections is not None:
+            _check_count("FleetQuota max_connections", self.max_connections, minimum=1)
+        if self.rate is not None and not isinstance(self.rate, Rate):
+            raise TypeError(f"FleetQuota rate must be a hostpool.Rate, not {self.rate!r}")
+
+
 @dataclass(frozen=True)
 class Quota:
     """What one partition may use.
@@ -65,6 +139,13 @@ class Quota:
     of waiters; past it a request fails at once with
     :class:`~hostpool.PendingLimitExceeded`.
 
+    The upstream's own limits (see the README, "Limits that belong to the
+    upstream"): ``rate`` paces the requests this process starts to the
+    partition; ``fleet`` caps the partition across every router sharing the
+    router's fleet; with ``respect_retry_after``, a 429 or 503 answer with a
+    ``Retry-After`` header pauses new admissions to the partition until then,
+    for at most ``max_retry_after`` seconds per pause.
+
     >>> Quota(max_connections=20, reserved=5, pool_timeout=2.0).keepalive
     20
     """
@@ -74,6 +155,10 @@ class Quota:
     reserved: int = 0
     pool_timeout: float | None = None
     max_pending: int | None = None
+    rate: Rate | None = None
+    fleet: FleetQuota | None = None
+    respect_retry_after: bool = False
+    max_retry_after: float = 60.0
 
     def __post_init__(self) -> None:
         _check_count("max_connections", self.max_connections, minimum=1)
@@ -92,6 +177,25 @@ class Quota:
         _check_timeout("pool_timeout", self.pool_timeout)
         if self.max_pending is not None:
             _check_count("max_pending", self.max_pending, minimum=0)
+        if self.rate is not None and not isinstance(self.rate, Rate):
+            raise TypeError(f"rate must be a hostpool.Rate, not {self.rate!r}")
+        if self.fleet is not None:
+            if not isinstance(self.fleet, FleetQuota):
+                raise TypeError(f"fleet must be a hostpool.FleetQuota, not {self.fleet!r}")
+            cap = self.fleet.max_connections
+            if cap is not None and cap < self.reserved:
+                raise ValueError(
+                    f"fleet max_connections ({cap}) is below reserved ({self.reserved}): "
+                    "the fleet could never honour the reservation"
+                )
+        if not isinstance(self.respect_retry_after, bool):
+            raise TypeError(f"respect_retry_after must be a bool, not {self.respect_retry_after!r}")
+        _check_positive("max_retry_after", self.max_retry_after)
+
+    @property
+    def upstream_limited(self) -> bool:
+        """Tell whether admission must look past the slot: a rate, a pause, a fleet."""
+        return self.rate is not None or self.fleet is not None or self.respect_retry_after
 
     @property
     def keepalive(self) -> int:

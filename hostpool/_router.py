@@ -12,6 +12,7 @@ import httpx
 from ._admission import Admission
 from ._compat import DEFAULT_LIMITS, ClientSeams
 from ._diagnose import Finding, diagnose
+from ._fleet import Fleet, FleetStore
 from ._quota import PartitionBy, Partitioner, Quota, QuotaTable
 from ._stats import RouterStats
 from ._transport import AdmissionTransport, AdmittedTransport, PartitionedTransport
@@ -66,6 +67,9 @@ class HostRouter(ClientSeams):
             in flight or waiting) before it is dropped and its idle sockets closed.
         limits: the router-wide budget: ``max_connections`` sockets open at
             most across all partitions, ``max_keepalive_connections`` idle.
+        fleet: where fleet-wide quotas (``Quota(fleet=FleetQuota(...))``) are
+            kept, e.g. ``hostpool.redis.RedisFleet(url, namespace=...)``.
+            The router opens and closes it with itself.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class HostRouter(ClientSeams):
         partition_by: PartitionBy = "host",
         partition_idle_timeout: float = 300.0,
         limits: httpx.Limits = DEFAULT_LIMITS,
+        fleet: FleetStore | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         mounts: Mapping[str, httpx.AsyncBaseTransport | None] | None = None,
         # Everything below is httpx.AsyncClient's, spelled out so that type
@@ -133,6 +138,7 @@ class HostRouter(ClientSeams):
             budget,
             max_keepalive=max_keepalive,
             partition_idle_timeout=float(partition_idle_timeout),
+            fleet=_fleet_for(table, fleet),
         )
         self._hp_limits = limits
         if mounts is not None:
@@ -267,3 +273,22 @@ def _check_domain_keys(table: QuotaTable, partitioner: Partitioner) -> None:
                 f"quota key {name!r} never matches with partition_by='domain': "
                 f"partitions are registrable domains, so use {domain!r}"
             )
+
+
+def _fleet_for(table: QuotaTable, store: FleetStore | None) -> Fleet | None:
+    """Check that fleet quotas have a fleet to live in, and claim the store for this router."""
+    fleet_keys = [entry.group for entry in table.entries() if entry.quota.fleet is not None]
+    if store is None:
+        if fleet_keys:
+            raise ValueError(
+                f"quota {fleet_keys[0]!r} has a FleetQuota but the router has no fleet: "
+                "pass fleet=hostpool.redis.RedisFleet(...) (or drop fleet= from the quota)"
+            )
+        return None
+    claim = getattr(store, "claim", None)
+    if not callable(claim):
+        raise TypeError(
+            f"fleet must be a fleet store such as hostpool.redis.RedisFleet, not {store!r}"
+        )
+    claim()
+    return Fleet(store)

@@ -195,6 +195,13 @@ class RequestCounts:
     requests_failed: int = 0
     pool_timeouts: int = 0
     overflows: int = 0
+    # The upstream's limits (README: "Limits that belong to the upstream").
+    rate_delayed: int = 0
+    pauses: int = 0
+    pause_delayed: int = 0
+    fleet_waits: int = 0
+    fleet_unavailable: int = 0
+    fleet_leases_lost: int = 0
 
     def add(self, other: RequestCounts) -> None:
         """Add ``other``'s counts to these."""
@@ -218,7 +225,13 @@ class PartitionStats:
     new connection. ``reserved_admissions`` counts requests admitted only
     thanks to the reservation, while every shared slot was in use.
     ``peak_in_flight`` and ``peak_waiting`` are highs since the partition was
-    created. ``serial`` numbers partitions in order of creation: a partition
+    created. The upstream's limits: ``rate_delayed`` requests waited for a
+    start of the local rate, ``pauses`` Retry-After answers paused the
+    partition (``paused_for``: seconds of pause left now), ``pause_delayed``
+    requests waited out (or timed out in) a pause, ``fleet_waits`` requests
+    waited for the fleet, ``fleet_unavailable`` admissions found the fleet's
+    store unavailable, ``fleet_leases_lost`` leases expired while held.
+    ``serial`` numbers partitions in order of creation: a partition
     dropped after ``partition_idle_timeout`` and created again has a new one.
     """
 
@@ -241,6 +254,13 @@ class PartitionStats:
     peak_waiting: int
     reserved_admissions: int
     wait: WaitSummary = field(default_factory=WaitSummary)
+    rate_delayed: int = 0
+    pauses: int = 0
+    pause_delayed: int = 0
+    fleet_waits: int = 0
+    fleet_unavailable: int = 0
+    fleet_leases_lost: int = 0
+    paused_for: float = 0.0
 
     @property
     def churn(self) -> float:
@@ -275,3 +295,12 @@ class RouterStats:
     partitions_dropped: int
     wait: WaitSummary
     partitions: Mapping[str, PartitionStats]
+    rate_delayed: int = 0
+    pauses: int = 0
+    pause_delayed: int = 0
+    fleet_waits: int = 0
+    fleet_unavailable: int = 0
+    fleet_leases_lost: int = 0
+    #: True while the fleet's store is unavailable and admission falls back
+    #: (``on_unavailable="local"``) or fails (``"fail"``).
+    fleet_degraded: bool = False

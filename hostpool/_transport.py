@@ -49,12 +49,19 @@ class AdmissionTransport(httpx.AsyncBaseTransport):
             )
         except ValueError as exc:  # no partition for this URL
             raise httpx.UnsupportedProtocol(str(exc), request=request) from None
+        partition = admission.partition_of(ticket)
         try:
-            return await self._send(admission.partition_of(ticket), ticket, request)
+            response = await self._send(partition, ticket, request)
         except BaseException:
             # No response, so no body to release the slot: release it here.
             admission.release(ticket, failed=True)
             raise
+        status = response.status_code
+        if (status == 429 or status == 503) and partition.entry.quota.respect_retry_after:
+            # The response goes to the caller unchanged (retrying is theirs);
+            # what it says about the upstream pauses the partition.
+            admission.pause_from(partition, status, response.headers.get("retry-after"))
+        return response
 
     async def _send(
         self, partition: Partition, ticket: Ticket, request: httpx.Request
