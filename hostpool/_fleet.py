@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from ._admission import Partition
     from ._scheduler import Ticket
 
-__all__ = ["Fleet", "FleetAnswer", "FleetStore"]
+__all__ = ["Fleet", "FleetAnswer", "FleetStore", "FleetStoreError"]
 
 logger = logging.getLogger("hostpool")
 
@@ -72,6 +72,10 @@ class FleetAnswer:
     granted: bool
     wait: float = 0.0
     reason: str = ""
+
+
+class FleetStoreError(Exception):
+    """The store could not answer (connection lost, server error): its errors, as one class."""
 
 
 class FleetStore(Protocol):
@@ -134,6 +138,8 @@ class Fleet:
         # (key, lease) pairs to give back, and pauses to share, sent by the keeper.
         self._to_release: list[tuple[str, str]] = []
         self._to_pause: list[tuple[str, float]] = []
+        # Leases of acquires whose answer was lost, given back again later.
+        self._recheck: list[tuple[str, str]] = []
         self.unavailable_until = -1.0
         self.unavailable_since: float | None = None
         self.closed = False
@@ -256,22 +262,19 @@ class Fleet:
             with anyio.fail_after(store.timeout):
                 answer = await store.acquire(key, lease, quota)
             answered = True
-        except TimeoutError as exc:
-            self._unavailable(partition, exc)
-            return None
-        except OSError as exc:
-            self._unavailable(partition, exc)
-            return None
-        except Exception as exc:
-            if not _is_store_error(exc):
-                raise
+        except (TimeoutError, OSError, FleetStoreError) as exc:
             self._unavailable(partition, exc)
             return None
         finally:
             if not answered and quota.max_connections is not None:
                 # Cancelled or timed out mid round trip: the store may have
-                # granted the lease before the answer was lost. Give it back.
+                # granted the lease before the answer was lost. Give it back
+                # now, and once more at the next renewal: the acquire may
+                # still be on its way (a paused or slow server runs it after
+                # the release). Nobody renews it, so at worst it expires
+                # after lease_ttl.
                 self._give_back(key, lease)
+                self._recheck.append((key, lease))
         if self.unavailable_since is not None:
             logger.warning("fleet %r answers again: fleet quotas enforced again", store.namespace)
             self.unavailable_since = None
@@ -344,24 +347,28 @@ class Fleet:
                     await store.release(releases)
                 for key, seconds in pauses:
                     await store.pause(key, seconds)
-        except Exception as exc:
-            if not (isinstance(exc, (TimeoutError, OSError)) or _is_store_error(exc)):
-                raise
+        except (TimeoutError, OSError, FleetStoreError) as exc:
             # Unsent releases expire with their TTL; that is the bound.
             logger.debug("fleet %r: releases not sent (%s)", store.namespace, exc)
 
     async def renew(self) -> None:
-        """Extend every held lease; report (and forget) the ones the store lost."""
+        """Extend every held lease; report (and forget) the ones the store lost.
+
+        Also gives back, a second time, the leases of acquires whose answer
+        was lost (see :meth:`_ask`).
+        """
         store = self.store
+        if self._recheck:
+            self._to_release.extend(self._recheck)
+            self._recheck = []
+            await self.flush()
         held = list(self.held.items())
         if not held:
             return
         try:
             with anyio.fail_after(store.timeout * 4):
                 alive = await store.renew([pair for _, pair in held])
-        except Exception as exc:
-            if not (isinstance(exc, (TimeoutError, OSError)) or _is_store_error(exc)):
-                raise
+        except (TimeoutError, OSError, FleetStoreError) as exc:
             logger.debug("fleet %r: renewal failed (%s)", store.namespace, exc)
             return
         for (ticket, (key, lease)), ok in zip(held, alive, strict=False):
@@ -387,19 +394,15 @@ class Fleet:
         keeper = self._keeper
         if keeper is not None:
             await keeper.stop()
-        for pair in list(self.held.values()):
-            self._to_release.append(pair)
+        self._to_release.extend(self.held.values())
+        self._to_release.extend(self._recheck)
+        self._recheck = []
         self.held.clear()
         self._held_by.clear()
         try:
             await self.flush()
         finally:
             await self.store.aclose()
-
-
-def _is_store_error(exc: BaseException) -> bool:
-    """Errors of the store's client (its own classes, kept out of this module)."""
-    return getattr(exc, "hostpool_store_error", False) is True
 
 
 class _Keeper:
