@@ -58,6 +58,8 @@ def diagnose(
             findings.extend(_reservation_unused(partition))
         findings.extend(_keepalive_near_cap(partition))
         findings.extend(_no_pool_timeout(partition, default_pool_timeout))
+        findings.extend(_upstream_pushed_back(partition))
+        findings.extend(_fleet_trouble(partition))
     for key, quota in (reserved_keys or {}).items():
         if quota.reserved and key not in stats.partitions:
             findings.append(
@@ -185,3 +187,54 @@ def _reservation_unused(p: PartitionStats) -> list[Finding]:
             "info",
         )
     ]
+
+
+def _upstream_pushed_back(p: PartitionStats) -> list[Finding]:
+    """Retry-After pauses: the upstream says this process (or fleet) asks too fast."""
+    if not p.pauses:
+        return []
+    now = f", paused for another {p.paused_for:.1f}s" if p.paused_for > 0 else ""
+    if p.quota.rate is None:
+        suggestion = (
+            f"Give {p.quota_key!r} a Quota(rate=Rate(...)) a little under the upstream's "
+            "documented limit, so requests are paced instead of refused."
+        )
+    else:
+        suggestion = (
+            f"Lower the rate of {p.quota_key!r} (now {p.quota.rate}); if several processes "
+            "call this upstream, share it with fleet=FleetQuota(rate=...)."
+        )
+    return [
+        Finding(
+            p.key,
+            "the upstream pushed back with Retry-After",
+            f"{p.pauses} pauses, {p.pause_delayed} requests held back{now}",
+            suggestion,
+        )
+    ]
+
+
+def _fleet_trouble(p: PartitionStats) -> list[Finding]:
+    """The fleet's store was unavailable, or leases expired under running requests."""
+    findings: list[Finding] = []
+    if p.fleet_unavailable:
+        findings.append(
+            Finding(
+                p.key,
+                "the fleet's store (Redis) was unavailable",
+                f"{p.fleet_unavailable} admissions without it",
+                "Check Redis; while it is away, each process applies only its local "
+                "quota (on_unavailable='local'), so the fleet may exceed its FleetQuota.",
+            )
+        )
+    if p.fleet_leases_lost:
+        findings.append(
+            Finding(
+                p.key,
+                "fleet leases expired while their requests ran",
+                f"{p.fleet_leases_lost} leases lost",
+                "The process stalled (or Redis restarted) for longer than lease_ttl: "
+                "raise RedisFleet(lease_ttl=...) above the longest stall you expect.",
+            )
+        )
+    return findings

@@ -14,11 +14,16 @@ Series (``hostpool`` is the ``namespace``), each with a ``partition`` label:
 
 - gauges ``hostpool_requests_in_flight``, ``hostpool_requests_waiting``,
   ``hostpool_connections_open``, ``hostpool_connections_idle``,
-  ``hostpool_quota_max_connections``, ``hostpool_quota_reserved``;
+  ``hostpool_quota_max_connections``, ``hostpool_quota_reserved``,
+  ``hostpool_paused`` (1 while a Retry-After pause lasts);
 - counters ``hostpool_requests_total``, ``hostpool_requests_completed_total``,
   ``hostpool_requests_failed_total``, ``hostpool_connections_opened_total``,
   ``hostpool_connections_evicted_total``, ``hostpool_pool_timeouts_total``,
-  ``hostpool_pool_overflows_total``, ``hostpool_pool_reserved_admissions_total``;
+  ``hostpool_pool_overflows_total``, ``hostpool_pool_reserved_admissions_total``,
+  and for the upstream's limits ``hostpool_rate_delayed_total``,
+  ``hostpool_pauses_total``, ``hostpool_pause_delayed_total``,
+  ``hostpool_fleet_waits_total``, ``hostpool_fleet_unavailable_total``,
+  ``hostpool_fleet_leases_lost_total``;
 - histogram ``hostpool_pool_wait_seconds`` (buckets
   :data:`hostpool._stats.WAIT_BUCKETS`): how long requests waited for a slot.
 
