@@ -17,6 +17,7 @@ from ._format import fmt_seconds, format_router_stats, quantile
 from ._quota import Quota
 from ._router import HostRouter
 from .demo import DEFAULT_CHART, add_arguments, config_from_args, run
+from .demo.fleet import add_fleet_arguments, fleet_config_from_args, run_fleet
 
 __all__ = ["build_parser", "main"]
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(demo)
+    add_fleet_arguments(demo)
     stats = commands.add_parser(
         "stats",
         help="send requests to URLs through a HostRouter and print router.stats()",
@@ -123,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        fleet = fleet_config_from_args(parser, args)
+        if fleet is not None:
+            return run_fleet(fleet)
         return run(config_from_args(parser, args))
     if args.command == "stats":
         return _stats(parser, args)

@@ -347,8 +347,7 @@ class Admission:
         shares one deadline: ``patience`` from now.
         """
         clock = self._clock
-        start = clock()
-        deadline = math.inf if patience is None else start + patience
+        deadline = math.inf if patience is None else clock() + patience
         partition.counts.requests += 1
         while True:
             if partition.paused_until > clock():
@@ -683,10 +682,10 @@ class Admission:
         partition = self._current(ticket)
         if partition is None:
             return  # a ticket of a former event loop: its scheduler is gone
-        woken = self.scheduler.cancel(ticket)
         fleet = self.fleet
         if fleet is not None and fleet.held:
             fleet.release(ticket)
+        woken = self.scheduler.cancel(ticket)
         if woken is not None:
             self._wake(woken)
         self._settle(partition)

@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SCHEDULER_TESTS = ["tests/test_scheduler.py", "tests/properties/test_scheduler_machine.py"]
+LIMITS_TESTS = ["tests/test_limits.py", "tests/integration/test_upstream_limits.py"]
+FLEET_TESTS = ["tests/integration/test_fleet.py"]
 LOOPBACK_TESTS = [
     "tests/test_ledger.py",
     "tests/test_pool.py",
@@ -63,6 +65,14 @@ def _scheduler(name: str, guarantee: str, what: str, old: str, new: str) -> Muta
 
 def _loopback(name: str, guarantee: str, what: str, *edits: tuple[str, str, str]) -> Mutant:
     return Mutant(name, guarantee, what, edits, tuple(LOOPBACK_TESTS))
+
+
+def _limits(name: str, guarantee: str, what: str, *edits: tuple[str, str, str]) -> Mutant:
+    return Mutant(name, guarantee, what, edits, tuple(LIMITS_TESTS))
+
+
+def _fleet(name: str, guarantee: str, what: str, *edits: tuple[str, str, str]) -> Mutant:
+    return Mutant(name, guarantee, what, edits, tuple(FLEET_TESTS))
 
 
 MUTANTS: list[Mutant] = [
@@ -239,7 +249,7 @@ MUTANTS: list[Mutant] = [
         "a quota's pool_timeout is ignored",
         (
             "hostpool/_admission.py",
-            "patience = partition.entry.quota.pool_timeout",
+            "patience = quota.pool_timeout",
             "patience = None",
         ),
     ),
@@ -277,6 +287,109 @@ MUTANTS: list[Mutant] = [
             "timer = None if patience is None else loop.call_at("
             "start + patience, self.wake, future)",
             "timer = None",
+        ),
+    ),
+    _limits(
+        "rate-burst",
+        "G10",
+        "the rate lets one more request than the burst through back to back",
+        (
+            "hostpool/_limits.py",
+            "self.tolerance = (rate.burst_size - 1) * self.interval",
+            "self.tolerance = rate.burst_size * self.interval",
+        ),
+    ),
+    _limits(
+        "rate-skipped",
+        "G10",
+        "the local rate is never applied",
+        (
+            "hostpool/_admission.py",
+            "await self._take_start(partition, bucket, deadline, patience)",
+            "pass",
+        ),
+    ),
+    _limits(
+        "pause-ignored",
+        "G11",
+        "a 429/503 with Retry-After pauses nothing",
+        (
+            "hostpool/_transport.py",
+            "if (status == 429 or status == 503) and",
+            "if status == -1 and",
+        ),
+    ),
+    _limits(
+        "pause-shortened",
+        "G11",
+        "a later, shorter Retry-After cuts a pause short",
+        (
+            "hostpool/_admission.py",
+            "if until <= partition.paused_until:",
+            "if until == partition.paused_until:",
+        ),
+    ),
+    _fleet(
+        "fleet-cap",
+        "G12",
+        "the fleet admits one request over its cap",
+        (
+            "hostpool/redis/_store.py",
+            "if redis.call('ZCARD', KEYS[1]) >= cap then",
+            "if redis.call('ZCARD', KEYS[1]) > cap then",
+        ),
+    ),
+    _fleet(
+        "fleet-renew",
+        "G12",
+        "held leases are never renewed, so they expire under running requests",
+        (
+            "hostpool/redis/_store.py",
+            "redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])",
+            "redis.call('ZSCORE', KEYS[1], ARGV[i])",
+        ),
+    ),
+    _fleet(
+        "fleet-revive",
+        "G12",
+        "a renewal revives an expired lease (someone else may hold its slot)",
+        (
+            "hostpool/redis/_store.py",
+            "if score and tonumber(score) > now then",
+            "if score then",
+        ),
+    ),
+    _fleet(
+        "fleet-release",
+        "G12",
+        "a finished request keeps its lease until it expires",
+        ("hostpool/_fleet.py", "self._give_back(*held)", "pass"),
+    ),
+    _fleet(
+        "fleet-cancel",
+        "G12",
+        "an acquire cancelled mid round trip never gives its lease back",
+        (
+            "hostpool/_fleet.py",
+            "                self._give_back(key, lease)\n"
+            "                self._recheck.append((key, lease))",
+            "                pass",
+        ),
+    ),
+    _fleet(
+        "fleet-pause",
+        "G12",
+        "a Retry-After pause is not shared with the fleet",
+        ("hostpool/_admission.py", "fleet.share_pause(partition.key, seconds)", "pass"),
+    ),
+    _fleet(
+        "fleet-no-fallback",
+        "G12",
+        "with Redis unavailable, on_unavailable='local' fails requests",
+        (
+            "hostpool/_fleet.py",
+            'if store.on_unavailable == "fail":',
+            "if True:",
         ),
     ),
 ]
