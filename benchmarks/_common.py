@@ -65,6 +65,9 @@ class Settings:
     # overhead (canned transport) and profile
     overhead_requests: int = 3000
     profile_requests: int = 5000
+    # fleet (Redis): canned requests per cost trial, requests per round-trip count
+    fleet_requests: int = 3000
+    fleet_count_requests: int = 2000
 
     @classmethod
     def quick_settings(cls, out: Path) -> Settings:
@@ -94,6 +97,8 @@ class Settings:
             footprint_real=10,
             overhead_requests=50,
             profile_requests=100,
+            fleet_requests=50,
+            fleet_count_requests=50,
         )
 
     @property

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import footprint, isolation, many_hosts, overhead, profiling, scheduler, throughput
+from . import fleet, footprint, isolation, many_hosts, overhead, profiling, scheduler, throughput
 from ._common import Settings
 from .report import write_report
 from .upstream import Upstream, raise_fd_limit
@@ -31,8 +31,9 @@ SCENARIOS: dict[str, Scenario] = {
     "many_hosts": many_hosts.run,
     "footprint": footprint.run,
     "profile": profiling.run,
+    "fleet": fleet.run,
 }
-_NEEDS_UPSTREAM = {"throughput", "isolation", "many_hosts", "footprint", "profile"}
+_NEEDS_UPSTREAM = {"throughput", "isolation", "many_hosts", "footprint", "profile", "fleet"}
 _NEEDS_MANY = {"many_hosts", "footprint", "profile"}
 
 

@@ -207,6 +207,8 @@ def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
         ("footprint", "real_heap_back_within_10pct"): "5 · Python heap back (real sockets)",
         ("footprint", "partitions_dropped"): "5 · idle partitions dropped",
         ("overhead", "stats_overhead"): "stats cost per request (issue 4)",
+        ("fleet", "fleet_acquire_round_trips"): "fleet · Redis calls per request, acquire",
+        ("fleet", "fleet_release_round_trips"): "fleet · Redis round trips per request, release",
     }
     for (scenario, key), label in labels.items():
         target = results.get(scenario, {}).get("targets", {}).get(key)
@@ -219,6 +221,8 @@ def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _target_value(key: str, value: Any) -> str:
+    if key.startswith("fleet_") and isinstance(value, dict):
+        return ", ".join(f"{k}: {v:.2f} per request" for k, v in value.items())
     if isinstance(value, dict):
         if all(isinstance(v, bool) for v in value.values()):
             return ", ".join(f"c={k}: {'yes' if v else 'no'}" for k, v in value.items())
@@ -234,8 +238,24 @@ def _target_value(key: str, value: Any) -> str:
     return _ratio(value)
 
 
+def _header_result(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The first result of the machine and tree most scenarios ran on.
+
+    The header describes that machine; a scenario run elsewhere (``fleet``, run
+    later on its own) says so in its own section.
+    """
+
+    def machine(data: dict[str, Any]) -> tuple[Any, ...]:
+        m = data.get("machine", {})
+        return m.get("cpu_model"), m.get("platform"), m.get("git")
+
+    keys = [machine(d) for d in results.values()]
+    common = max(keys, key=keys.count)
+    return next(d for d in results.values() if machine(d) == common)
+
+
 def _machine(results: dict[str, dict[str, Any]]) -> list[str]:
-    first = next(iter(results.values()))
+    first = _header_result(results)
     m = first["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     lines = [
@@ -651,6 +671,196 @@ def _section_profile(
     )
 
 
+def _fleet_scale(data: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str]:
+    """How fast this fleet run's machine went, against the other sections' runs (when
+    those ran on another machine or tree)."""
+
+    def machine(m: dict[str, Any]) -> tuple[Any, ...]:
+        return m.get("cpu_model"), m.get("platform"), m.get("git")
+
+    if machine(data["machine"]) == machine(_header_result(results)["machine"]):
+        return []
+    parts = []
+    slower = []
+    local_c1 = data["cost"]["medians"].get("1", {}).get("local", {}).get("us_per_request")
+    overhead = results.get("overhead", {}).get("medians_us", {}).get("hostpool")
+    if local_c1 and overhead:
+        slower.append(local_c1 / overhead)
+        parts.append(
+            f"HostRouter alone over a canned transport took {_num(local_c1, 1)} µs per request "
+            f"here against {_num(overhead, 1)} µs in *Layer costs* "
+            f"({_ratio(local_c1 / overhead)} slower here)"
+        )
+    local_rps = data["load"]["medians"]["local"]["rps"]
+    throughput = results.get("throughput", {}).get("medians", {}).get("50", {})
+    other_rps = throughput.get("hostpool", {}).get("rps")
+    if local_rps and other_rps:
+        slower.append(other_rps / local_rps)
+        parts.append(
+            f"HostRouter (local quotas) served {_num(local_rps)} req/s at c=50 here against "
+            f"{_num(other_rps)} in *Throughput* ({_ratio(other_rps / local_rps)} slower here)"
+        )
+    if not parts:
+        return []
+    ours = data["machine"].get("cpu_model")
+    theirs = _header_result(results)["machine"].get("cpu_model")
+    where = f" ({ours} here, {theirs} there)" if ours != theirs else ""
+    return [
+        "For scale against the sections above: "
+        + "; ".join(parts)
+        + f". This run's machine went about {_num(sum(slower) / len(slower), 1)}x slower "
+        f"than the runs behind them{where}: compare ratios (fleet / local), not absolute "
+        "figures, across sections.",
+        "",
+    ]
+
+
+def _section_fleet(
+    data: dict[str, Any], lines: list[str], results: dict[str, dict[str, Any]]
+) -> None:
+    lines += ["## Fleet quotas on Redis", ""]
+    if "skipped" in data:
+        lines += [f"Skipped: {data['skipped']}.", ""]
+        return
+    s = data["settings"]
+    m = data["machine"]
+    background = data.get("background") or {}
+    lines += [
+        f"A `redis-server` on loopback started for the run, without persistence "
+        f"({data['redis_server']}); `RedisFleet(url, timeout={data['redis_timeout']:g})`. "
+        "Each admission to a partition with a `FleetQuota` is one script call (`EVALSHA`); "
+        "each release queues a `ZREM`, sent in batches by the fleet's keeper task. "
+        f"Ran {m['date']} on {m['cpu_count']} CPUs ({m['cpu_model']}), hostpool tree "
+        f"{m.get('git') or 'unknown'}; other processes used "
+        f"{_pct(background.get('other_cpu_util'))} of a CPU meanwhile.",
+        "",
+    ]
+    if data["cost"].get("fleet_unavailable"):
+        lines += [
+            f"**{data['cost']['fleet_unavailable']} admissions found Redis unavailable and "
+            "were admitted on the local quota alone: the fleet figures are too low.**",
+            "",
+        ]
+    cost = data["cost"]
+    levels = sorted(cost["medians"], key=int)
+    med = cost["medians"]
+    added = cost["fleet_added"]
+
+    def cell(c: str, variant: str) -> str:
+        v = med[c].get(variant)
+        if v is None:
+            return "n/a"
+        return f"{_num(v['us_per_request'], 1)} ({_num(v['cpu_us_per_request'], 1)})"
+
+    lines += [
+        "Cost of a fleet admission: `HostRouter` over a canned `httpx.MockTransport` (no "
+        "HTTP socket; a user-supplied transport still gets every quota at admission, the "
+        f"fleet's included) with `Quota(max_connections={data['local_cap']})`, alone "
+        f"(*local*) and with `fleet=FleetQuota(max_connections={data['mock_fleet_cap']:,})` "
+        f"(never binds). {data['requests_per_trial']:,} requests per trial, fresh router, "
+        f"{s['repeats']} interleaved repeats, medians. µs per request, wall (client CPU):",
+        "",
+    ]
+    rows = [
+        ["local quota only", *[cell(c, "local") for c in levels]],
+        ["with a fleet quota", *[cell(c, "fleet") for c in levels]],
+        ["with a fleet quota, 64 Redis connections (default 16)"]
+        + [cell(c, "fleet_64") for c in levels],
+        ["*fleet - local: the fleet admission*"]
+        + [
+            f"+{_num(added[c]['us_per_request'], 1)} (+{_num(added[c]['cpu_us_per_request'], 1)})"
+            for c in levels
+        ],
+        ["*fleet / local*", *[_ratio(added[c]["fleet/local"]) for c in levels]],
+        ["*64 / 16 Redis connections*", *[_ratio(added[c].get("fleet_64/fleet")) for c in levels]],
+        ["Redis server CPU per request (fleet)"]
+        + [_num(med[c]["fleet"]["redis_cpu_us_per_request"], 1) for c in levels],
+    ]
+    lines += _table(["", *[f"c={c}" for c in levels]], rows)
+    trips = data["round_trips"]
+    lines += [
+        "Redis calls per request, from `INFO commandstats` before and after "
+        f"{s['fleet_count_requests']:,} requests (canned transport, after a warm-up; "
+        "`lease_ttl=60` so that no renewal, also an `EVALSHA`, falls inside). *Acquire*: "
+        "`EVALSHA` + `EVAL` calls; *release*: `ZREM` calls, one per round trip here (one "
+        "partition); leases per release round trip counted in the client; the commands "
+        "the acquire script runs inside Redis are not round trips.",
+        "",
+    ]
+    rows = [
+        [
+            f"c={c}",
+            _num(r["acquire_calls_per_request"], 3),
+            _num(r["release_calls_per_request"], 3),
+            _num(r["client"]["leases_per_release_round_trip"], 1),
+            _num(r["in_script_commands_per_request"], 1),
+            _num(r["redis_us_per_acquire"], 1),
+        ]
+        for c, r in sorted(trips.items(), key=lambda item: int(item[0]))
+    ]
+    lines += _table(
+        [
+            "concurrency",
+            "acquire calls / request",
+            "release round trips / request",
+            "leases per release round trip",
+            "commands inside the script / request",
+            "Redis time per acquire script, µs",
+        ],
+        rows,
+    )
+    load = data["load"]
+    lm = load["medians"]
+    redis = lm["fleet"].get("redis", {})
+    lines += [
+        f"Throughput at concurrency {load['concurrency']} against the loopback upstream, "
+        f"{s['trial_seconds']} s per trial with a fresh client, {s['repeats']} interleaved "
+        f"repeats, medians. Limits: {load['limits']['total']} sockets "
+        f"({load['limits']['per_host']} per host); the fleet quota is "
+        f"`FleetQuota(max_connections={load['fleet_cap']:,})` (never binds). Redis calls per "
+        "request of the fleet trials from `INFO commandstats` (warm-up included).",
+        "",
+    ]
+    labels = {
+        "httpx": "httpx.AsyncClient",
+        "local": "HostRouter, local quota",
+        "fleet": "HostRouter, fleet quota",
+    }
+    rows = [
+        [
+            labels[name],
+            _num(lm[name]["rps"]),
+            _num(lm[name]["cpu_us_per_request"], 1),
+            _pct(lm[name]["upstream_cpu_util"]),
+            f"{_num(redis.get('acquire_calls_per_request'), 2)} + "
+            f"{_num(redis.get('release_calls_per_request'), 2)}"
+            if name == "fleet"
+            else "",
+            _num(redis.get("redis_cpu_us_per_request"), 1) if name == "fleet" else "",
+        ]
+        for name in ("httpx", "local", "fleet")
+        if name in lm
+    ]
+    lines += _table(
+        [
+            "client",
+            "requests/s",
+            "client CPU µs / request",
+            "upstream CPU",
+            "Redis calls / request (acquire + release)",
+            "Redis CPU µs / request",
+        ],
+        rows,
+    )
+    lines += [
+        ", ".join(f"{k}: {_ratio(v)}" for k, v in load["ratios"].items())
+        + f"; the fleet adds {_num(load['fleet_added_cpu_us_per_request'], 1)} µs of client "
+        "CPU per request.",
+        "",
+    ]
+    lines += _fleet_scale(data, results)
+
+
 def write_report(settings: Settings, charts: bool = True) -> Path:
     """Write ``RESULTS.md`` (and the charts) from every result file in ``settings.out``."""
     results = read_results(settings.out)
@@ -691,6 +901,8 @@ def write_report(settings: Settings, charts: bool = True) -> Path:
         if "50" in medians:
             real_us = medians["50"]["hostpool"]["cpu_us_per_request"]
         _section_profile(results["profile"], lines, report, settings.out, real_us)
+    if "fleet" in results:
+        _section_fleet(results["fleet"], lines, results)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n")
     return report
