@@ -298,9 +298,17 @@ class CountingFleet(RedisFleet):
         super().__init__(*args, **kwargs)
         self.counts = {"acquires": 0, "releases": 0, "leases_released": 0, "renewals": 0}
 
-    async def acquire(self, key: str, lease: str, quota: hostpool.FleetQuota) -> FleetAnswer:
+    async def acquire(
+        self,
+        key: str,
+        lease: str,
+        quota: hostpool.FleetQuota,
+        line: str,
+        releases: Sequence[tuple[str, str]] = (),
+    ) -> FleetAnswer:
         self.counts["acquires"] += 1
-        return await super().acquire(key, lease, quota)
+        self.counts["leases_released"] += len(releases)
+        return await super().acquire(key, lease, quota, line, releases)
 
     async def release(self, leases: Sequence[tuple[str, str]]) -> None:
         self.counts["releases"] += 1
@@ -501,7 +509,8 @@ async def _run_round_trips(settings: Settings, server: RedisServer, log: Any) ->
         client = counted["client"]
         log(
             f"fleet round trips c={c:<2} acquire {counted['acquire_calls_per_request']:.3f}"
-            f"/request, release {counted['release_calls_per_request']:.3f}/request "
+            f"/request, release {client['release_round_trips_per_request']:.3f} round trips"
+            f"/request of its own, {counted['release_calls_per_request']:.3f} ZREM/request "
             f"({_num(client['leases_per_release_round_trip'])} leases per ZREM round trip), "
             f"{counted['in_script_commands_per_request']:.1f} commands inside the script"
         )
@@ -585,7 +594,10 @@ def _num(value: float | None) -> str:
 
 def _targets(round_trips: dict[str, Any]) -> dict[str, Any]:
     acquire = {f"c={c}": r["acquire_calls_per_request"] for c, r in round_trips.items()}
-    release = {f"c={c}": r["release_calls_per_request"] for c, r in round_trips.items()}
+    # Round trips of their own: ZREMs sent with an acquire (same write) are not.
+    release = {
+        f"c={c}": r["client"]["release_round_trips_per_request"] for c, r in round_trips.items()
+    }
     return {
         "fleet_acquire_round_trips": {
             "value": acquire,
@@ -594,7 +606,7 @@ def _targets(round_trips: dict[str, Any]) -> dict[str, Any]:
         },
         "fleet_release_round_trips": {
             "value": release,
-            "target": "<= 1 round trip (ZREM) per request to release",
+            "target": "<= 1 round trip of its own (ZREM) per request to release",
             "met": all(v <= 1.0 for v in release.values()),
         },
     }

@@ -9,9 +9,15 @@ else stays here, in process, where it is cheap:
   slot (so the in-process FIFO and round-robin order, and the local caps,
   are kept). While the fleet says no, only the *head* waiter of a partition
   asks again, sleeping the answered wait (with jitter) between asks; the
-  others queue behind it in FIFO order. Across processes nobody keeps an
-  order: whichever head asks first after a lease frees gets it, and the
-  jitter keeps one process from winning every time.
+  others queue behind it in FIFO order.
+- **Across routers, turns.** A router whose head was refused a lease is
+  queued in the store (its *line*, by when it started waiting); while lines
+  wait, a free lease goes only to the oldest, and a line served goes to the
+  back. So with P routers waiting for a partition, each is served within
+  the next P leases freed (round-robin, as G5 is across partitions). The
+  oldest line asks about four times as often as the others, since a free
+  lease waits for it; a line that stops asking (its process died) loses its
+  place after ``max(0.25 s, 10 x poll_interval)``.
 - **Leases are renewed and given back by one keeper task** per event loop
   (``release`` is synchronous: it runs where a response body closes). The
   keeper renews every held lease each ``lease_ttl / 3`` in one round trip and
@@ -66,12 +72,15 @@ class FleetAnswer:
     ``granted``: the lease (if the fleet quota caps connections) is held and
     the fleet rate's start taken. Otherwise ``reason`` says what is full
     (``"connections"``, ``"rate"`` or ``"pause"``) and ``wait`` how many
-    seconds until asking again is worth it (0.0: unknown, poll).
+    seconds until asking again is worth it (0.0: unknown, poll). ``first``:
+    this router's line is the oldest waiting across the fleet (the next free
+    lease is its), so it polls faster.
     """
 
     granted: bool
     wait: float = 0.0
     reason: str = ""
+    first: bool = False
 
 
 class FleetStoreError(Exception):
@@ -92,8 +101,24 @@ class FleetStore(Protocol):
         """Bind the store to the router being built; ValueError if another router has it."""
         ...
 
-    async def acquire(self, key: str, lease: str, quota: FleetQuota) -> FleetAnswer:
-        """Take a lease (if capped) and a start (if rated) for ``key``, or say how long to wait."""
+    async def acquire(
+        self,
+        key: str,
+        lease: str,
+        quota: FleetQuota,
+        line: str,
+        releases: Sequence[tuple[str, str]] = (),
+    ) -> FleetAnswer:
+        """Take a lease (if capped) and a start (if rated) for ``key``, or say how long to wait.
+
+        ``line`` names the asking router: while routers wait for a lease, the
+        store serves them in the order they started waiting. ``releases``:
+        ``(key, lease)`` pairs to give back first, in the same round trip.
+        """
+        ...
+
+    async def forget(self, lines: Sequence[tuple[str, str]]) -> None:
+        """Take ``(key, line)`` out of the waiting order (its waiters all gave up)."""
         ...
 
     async def release(self, leases: Sequence[tuple[str, str]]) -> None:
@@ -138,6 +163,9 @@ class Fleet:
         # (key, lease) pairs to give back, and pauses to share, sent by the keeper.
         self._to_release: list[tuple[str, str]] = []
         self._to_pause: list[tuple[str, float]] = []
+        # Partitions whose waiters all gave up: their place in the fleet's
+        # waiting order is given up too (sent by the keeper).
+        self._to_forget: list[tuple[str, str]] = []
         # Leases of acquires whose answer was lost, given back again later.
         self._recheck: list[tuple[str, str]] = []
         self.unavailable_until = -1.0
@@ -174,6 +202,9 @@ class Fleet:
                 return None
             if answer.reason == "pause":
                 return answer.wait
+            # Looked up again: others may have asked at the same time and
+            # queued first. One line per partition, so one head asks.
+            line = self._lines.get(partition.key)
             if line is None:
                 line = self._lines[partition.key] = _Line()
         else:
@@ -181,6 +212,7 @@ class Fleet:
         partition.counts.fleet_waits += 1
         turn = anyio.Event()
         line.queue.append(turn)
+        admitted = False
         try:
             if line.queue[0] is not turn:
                 with anyio.fail_after(None if deadline == math.inf else deadline - clock()):
@@ -190,6 +222,7 @@ class Fleet:
                     await self._sleep_before_asking(partition, answer, deadline, clock)
                 answer = await self._ask(partition, ticket, quota)
                 if answer is None or answer.granted:
+                    admitted = True
                     return None
                 if answer.reason == "pause":
                     return answer.wait
@@ -205,6 +238,11 @@ class Fleet:
                 line.queue.remove(turn)
             if not line.queue:
                 self._lines.pop(partition.key, None)
+                if not admitted:
+                    # Nobody here waits any more: give up the fleet-wide place.
+                    self._to_forget.append((partition.key, self._prefix))
+                    if not self.closed:
+                        self._keeper_for().wake()
 
     async def _sleep_before_asking(
         self,
@@ -218,6 +256,10 @@ class Fleet:
             # The store knows when (a rate's next start): go then, plus a
             # little jitter so that the heads of several processes spread out.
             delay = answer.wait + random.uniform(0.0, min(poll, answer.wait * 0.1))
+        elif answer.first:
+            # Next in the fleet's order: the next lease freed is ours, and
+            # the others are held back until we ask, so ask soon.
+            delay = poll * random.uniform(0.25, 0.75)
         else:
             delay = poll * random.uniform(0.5, 1.5)
         if clock() + delay > deadline:
@@ -257,15 +299,27 @@ class Fleet:
             return None
         lease = f"{self._prefix}:{next(self._serial)}"
         key = partition.key
+        # Releases not sent yet go along, ahead of the acquire in the same
+        # write (the keeper would send them alone). A lease released and
+        # asked for again in one round trip stays with this router only if
+        # no other router waits: the script serves waiting routers first.
+        releases = self._to_release
+        if releases:
+            self._to_release = []
         answered = False
         try:
             with anyio.fail_after(store.timeout):
-                answer = await store.acquire(key, lease, quota)
+                answer = await store.acquire(key, lease, quota, self._prefix, releases)
             answered = True
         except (TimeoutError, OSError, FleetStoreError) as exc:
             self._unavailable(partition, exc)
             return None
         finally:
+            if not answered and releases:
+                # Maybe not sent: send them again (removing an id is idempotent).
+                self._to_release.extend(releases)
+                if not self.closed:
+                    self._keeper_for().wake()
             if not answered and quota.max_connections is not None:
                 # Cancelled or timed out mid round trip: the store may have
                 # granted the lease before the answer was lost. Give it back
@@ -341,10 +395,13 @@ class Fleet:
         store = self.store
         releases, self._to_release = self._to_release, []
         pauses, self._to_pause = self._to_pause, []
+        forgotten, self._to_forget = self._to_forget, []
         try:
             with anyio.fail_after(store.timeout * 4):
                 if releases:
                     await store.release(releases)
+                if forgotten:
+                    await store.forget(forgotten)
                 for key, seconds in pauses:
                     await store.pause(key, seconds)
         except (TimeoutError, OSError, FleetStoreError) as exc:

@@ -383,6 +383,29 @@ MUTANTS: list[Mutant] = [
         ("hostpool/_admission.py", "fleet.share_pause(partition.key, seconds)", "pass"),
     ),
     _fleet(
+        "fleet-many-heads",
+        "G12",
+        "requests that asked together each become the head of a line of their own",
+        (
+            "hostpool/_fleet.py",
+            "            line = self._lines.get(partition.key)\n"
+            "            if line is None:\n"
+            "                line = self._lines[partition.key] = _Line()\n"
+            "        else:",
+            "            line = self._lines[partition.key] = _Line()\n        else:",
+        ),
+    ),
+    _fleet(
+        "fleet-queue-off",
+        "G12",
+        "a free lease goes to whichever router asks first, not to the longest waiting",
+        (
+            "hostpool/redis/_store.py",
+            "if full or (oldest and oldest ~= line) then",
+            "if full then",
+        ),
+    ),
+    _fleet(
         "fleet-no-fallback",
         "G12",
         "with Redis unavailable, on_unavailable='local' fails requests",

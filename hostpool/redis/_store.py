@@ -10,6 +10,8 @@ script sees them all on Redis Cluster too:
   requests in flight across the fleet.
 - ``...:rate``: the fleet rate's GCRA theoretical arrival time (µs).
 - ``...:pause``: the end of a fleet-wide Retry-After pause (µs).
+- ``...:queue`` and ``...:seen``: the routers (lines) waiting for a lease,
+  by when they started waiting and when they last asked (see ``_ACQUIRE``).
 
 Every key expires when idle (leases after two TTLs, the rate state once it
 no longer constrains, a pause when it ends), so a namespace leaves nothing
@@ -37,22 +39,47 @@ __all__ = ["RedisFleet"]
 
 _US = 1_000_000
 
-# KEYS: leases, rate, pause. ARGV: lease id, lease ttl (µs), max connections
-# (0: no cap), rate interval (µs, 0: no rate), rate tolerance (µs).
-# Answer: {1, 0, ""} granted, or {0, wait µs (0: unknown), reason}.
+# KEYS: leases, rate, pause, queue, seen. ARGV: lease id, lease ttl (µs),
+# max connections (0: no cap), rate interval (µs, 0: no rate), rate
+# tolerance (µs), line id (the asking router's), stale (µs).
+# Answer: {1, 0, "", 0} granted, or {0, wait µs (0: unknown), reason, first}
+# where first = 1 when the asker's line is the oldest waiting one.
+#
+# The queue (line id -> when it started waiting) makes the fleet fair across
+# processes: while lines wait, a free slot goes only to the oldest, and a
+# line served goes to the back (it asks again, and queues anew). A line that
+# has not asked for ``stale`` µs (its process died or gave up) loses its
+# place, so it can hold the others up no longer than that.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
 if pause > now then
-  return {0, pause - now, 'pause'}
+  return {0, pause - now, 'pause', 0}
 end
 local cap = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[2])
+local line = ARGV[6]
+local stale = tonumber(ARGV[7])
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if redis.call('ZCARD', KEYS[1]) >= cap then
-    return {0, 0, 'connections'}
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - stale)
+  for i = 1, #gone do
+    redis.call('ZREM', KEYS[4], gone[i])
+    redis.call('ZREM', KEYS[5], gone[i])
+  end
+  local full = false
+  if redis.call('ZCARD', KEYS[1]) >= cap then full = true end
+  local oldest = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
+  if full or (oldest and oldest ~= line) then
+    redis.call('ZADD', KEYS[4], 'NX', now, line)
+    redis.call('ZADD', KEYS[5], now, line)
+    local keep = math.ceil(stale / 1000) * 2
+    redis.call('PEXPIRE', KEYS[4], keep)
+    redis.call('PEXPIRE', KEYS[5], keep)
+    local first = 0
+    if redis.call('ZRANGE', KEYS[4], 0, 0)[1] == line then first = 1 end
+    return {0, 0, 'connections', first}
   end
 end
 local interval = tonumber(ARGV[4])
@@ -61,7 +88,7 @@ if interval > 0 then
   if tat < now then tat = now end
   local wait = tat - tonumber(ARGV[5]) - now
   if wait > 0 then
-    return {0, wait, 'rate'}
+    return {0, wait, 'rate', 0}
   end
   tat = tat + interval
   redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX',
@@ -70,8 +97,10 @@ end
 if cap > 0 then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 2)
+  redis.call('ZREM', KEYS[4], line)
+  redis.call('ZREM', KEYS[5], line)
 end
-return {1, 0, ''}
+return {1, 0, '', 0}
 """
 
 # KEYS: leases. ARGV: lease ttl (µs), lease ids. Answer: 1 per id still held
@@ -203,6 +232,8 @@ class RedisFleet:
                 f"RedisFleet timeout ({timeout}s) must be shorter than lease_ttl ({lease_ttl}s)"
             )
         self._ttl_us = int(self.lease_ttl * _US)
+        # A waiting router that has not asked for this long loses its place.
+        self._stale_us = int(max(0.25, 10 * self.poll_interval) * _US)
         self._client: _Client
         if isinstance(url_or_client, str):
             parse_redis_url(url_or_client)  # a malformed URL fails here, named
@@ -235,39 +266,84 @@ class RedisFleet:
 
     # -- keys --------------------------------------------------------------------
 
-    def _keys(self, key: str) -> tuple[str, str, str]:
+    def _keys(self, key: str) -> tuple[str, str, str, str, str]:
         base = f"hostpool:{{{self.namespace}:{key}}}"
-        return f"{base}:leases", f"{base}:rate", f"{base}:pause"
+        return (
+            f"{base}:leases",
+            f"{base}:rate",
+            f"{base}:pause",
+            f"{base}:queue",
+            f"{base}:seen",
+        )
 
-    def keys_of(self, key: str) -> tuple[str, str, str]:
-        """Return the Redis keys of a partition: leases, rate, pause (for tools and tests)."""
+    def keys_of(self, key: str) -> tuple[str, str, str, str, str]:
+        """Return the Redis keys of a partition: leases, rate, pause, queue, seen."""
         return self._keys(key)
 
     # -- the store protocol --------------------------------------------------------
 
-    async def acquire(self, key: str, lease: str, quota: FleetQuota) -> FleetAnswer:
+    async def acquire(
+        self,
+        key: str,
+        lease: str,
+        quota: FleetQuota,
+        line: str,
+        releases: Sequence[tuple[str, str]] = (),
+    ) -> FleetAnswer:
         cap = quota.max_connections or 0
         rate = quota.rate
         interval = tolerance = 0
         if rate is not None:
             interval = max(1, round(rate.interval * _US))
             tolerance = (rate.burst_size - 1) * interval
-        args: list[str | int] = [lease, self._ttl_us, cap, interval, tolerance]
-        reply = await self._run(_ACQUIRE_SCRIPT, self._keys(key), args)
-        if not isinstance(reply, list) or len(reply) != 3:
+        keys = self._keys(key)
+        args: list[str | int] = [
+            lease,
+            self._ttl_us,
+            cap,
+            interval,
+            tolerance,
+            line,
+            self._stale_us,
+        ]
+        if releases:
+            # Queued releases ride in the same write: one round trip, not two.
+            commands = [*self._removals(releases), _ACQUIRE_SCRIPT.call(keys, args)]
+            replies = await self._pipeline(commands)
+            for reply in replies[:-1]:
+                if isinstance(reply, RedisReplyError):
+                    raise FleetStoreError(f"release failed: {reply}")
+            reply = replies[-1]
+            if _is_noscript(reply):
+                reply = await self._run(_ACQUIRE_SCRIPT, keys, args)
+            elif isinstance(reply, RedisReplyError):
+                raise FleetStoreError(str(reply))
+        else:
+            reply = await self._run(_ACQUIRE_SCRIPT, keys, args)
+        if not isinstance(reply, list) or len(reply) != 4:
             raise FleetStoreError(f"unexpected answer from the acquire script: {reply!r}")
-        granted, wait, reason = reply
+        granted, wait, reason, first = reply
         text = reason.decode() if isinstance(reason, bytes) else str(reason)
-        return FleetAnswer(granted == 1, int(wait) / _US, text)
+        return FleetAnswer(granted == 1, int(wait) / _US, text, first == 1)
 
-    async def release(self, leases: Sequence[tuple[str, str]]) -> None:
+    async def forget(self, lines: Sequence[tuple[str, str]]) -> None:
+        commands: list[list[str | int]] = []
+        for key, line in lines:
+            keys = self._keys(key)
+            commands += [["ZREM", keys[3], line], ["ZREM", keys[4], line]]
+        for reply in await self._pipeline(commands):
+            if isinstance(reply, RedisReplyError):
+                raise FleetStoreError(f"forget failed: {reply}")
+
+    def _removals(self, leases: Sequence[tuple[str, str]]) -> list[list[str | int]]:
+        """One ZREM per partition for ``(key, lease)`` pairs."""
         by_key: dict[str, list[str]] = {}
         for key, lease in leases:
             by_key.setdefault(key, []).append(lease)
-        commands: list[list[str | int]] = [
-            ["ZREM", self._keys(key)[0], *ids] for key, ids in by_key.items()
-        ]
-        for reply in await self._pipeline(commands):
+        return [["ZREM", self._keys(key)[0], *ids] for key, ids in by_key.items()]
+
+    async def release(self, leases: Sequence[tuple[str, str]]) -> None:
+        for reply in await self._pipeline(self._removals(leases)):
             if isinstance(reply, RedisReplyError):
                 raise FleetStoreError(f"release failed: {reply}")
 

@@ -11,6 +11,7 @@ SIGKILL, SIGSTOP and a skewed clock hit one member only.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -405,6 +406,73 @@ async def test_one_busy_process_does_not_starve_a_quiet_one(
     # ~10 x 20 ms each. Only heads ask, so B's head competes with A's head.
     assert sorted(served)[len(served) // 2] < 0.5, f"the quiet router waited {served}"
     assert upstream.stats(HOST).peak_in_flight <= 2
+
+
+async def test_waiting_routers_take_turns_across_the_fleet(
+    redis_server: RedisServer, upstream: Upstream
+) -> None:
+    """Fleet cap 1, three routers with six requests waiting each: round-robin over routers.
+
+    Once all three wait, a router is served again only after each other
+    waiting router was served once: between two of its grants, at most two
+    others. (Without the fleet's waiting order, whichever router asks first
+    after a release wins, and one router can be served many times in a row.)
+    """
+    quota = Quota(max_connections=10, fleet=FleetQuota(max_connections=1))
+    names = "abc"
+    routers = [_router(redis_server, quota) for _ in names]
+    async with _routers(routers), anyio.create_task_group() as group:
+        for name, router in zip(names, routers, strict=True):
+            url = upstream.url(HOST, f"/delay?ms=15&who={name}")
+            for _ in range(6):
+                group.start_soon(router.get, url)
+    served = [
+        record.target.rsplit("who=", 1)[1]
+        for record in sorted(upstream.request_log(), key=lambda r: r.started_at)
+    ]
+    assert sorted(served) == sorted(names * 6)
+    # From the first moment all three have been served (all are waiting by
+    # then) while each still has requests left: the first 12 grants after it.
+    start = max(served.index(name) for name in names)
+    window = served[start : start + 12]
+    for name in names:
+        seen = [i for i, who in enumerate(window) if who == name]
+        gaps = [b - a for a, b in itertools.pairwise(seen)]
+        assert gaps, f"{name} not served in {window}"
+        assert max(gaps) <= len(names), f"{name} waited {max(gaps)} grants: {served}"
+    assert upstream.stats(HOST).peak_in_flight == 1
+
+
+async def test_only_the_head_waiter_asks_redis_again(
+    redis_server: RedisServer, upstream: Upstream
+) -> None:
+    """Twenty requests waiting for a full fleet: one asker polls, not twenty."""
+    quota = Quota(max_connections=30, fleet=FleetQuota(max_connections=1))
+
+    def script_calls() -> int:
+        stats = redis_server.info("commandstats")
+        return sum(
+            int(stats[name].split("calls=")[1].split(",")[0])
+            for name in ("cmdstat_evalsha", "cmdstat_eval")
+            if name in stats
+        )
+
+    holder = _router(redis_server, quota)
+    waiter = _router(redis_server, quota, poll_interval=0.01)
+    async with _routers([holder, waiter]), anyio.create_task_group() as group:
+        group.start_soon(holder.get, upstream.url(HOST, "/hold?key=full"))
+        await _eventually(lambda: upstream.stats(HOST).in_flight == 1, 5.0, "the holder")
+        before = script_calls()
+        for _ in range(20):
+            group.start_soon(waiter.get, upstream.url(HOST, "/"))
+        await anyio.sleep(0.5)
+        asked = script_calls() - before
+        upstream.release("full")
+    # 20 first asks (nobody queued yet when they set out), then one head,
+    # first in the fleet's order, every 2.5-7.5 ms: at most 20 + 200.
+    # Twenty heads would ask ~1000 times.
+    assert asked <= 20 + 0.5 / 0.0025 + 10, f"{asked} script calls in 0.5 s"
+    assert upstream.stats(HOST).peak_in_flight == 1
 
 
 async def test_idle_keys_expire(redis_server: RedisServer, upstream: Upstream) -> None:
