@@ -13,6 +13,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -76,6 +77,13 @@ class Partition:
         rate = entry.quota.rate
         self.bucket = None if rate is None else Bucket(rate)
         self.paused_until = -math.inf
+
+    def remembers_until(self) -> float:
+        """When the partition's pause and rate state run out (loop clock; -inf: none)."""
+        bucket = self.bucket
+        if bucket is None:
+            return self.paused_until
+        return max(self.paused_until, bucket.tat)
 
     @property
     def sockets_open(self) -> int:
@@ -287,6 +295,9 @@ class Admission:
         # and remove themselves): closing the router closes them, so every
         # slot comes back even if a caller abandoned a stream.
         self.open_bodies: set[Any] = set()
+        # Cancel scopes of requests waiting out a pause, a rate's start or
+        # the fleet: close() cancels them (see _interruptible).
+        self._sleepers: set[anyio.CancelScope] = set()
         # How requests wait on the bound event loop (None until first use).
         self._waiting: _Waiting | None = None
         # The bound loop's clock (looked up once per loop, see _Waiting).
@@ -353,25 +364,43 @@ class Admission:
             if partition.paused_until > clock():
                 await self._sit_out_pause(partition, deadline, patience)
             ticket = await self._acquire(partition, _left(deadline, clock()), count=False)
-            if partition.paused_until > clock():
-                self.forfeit(ticket)  # paused meanwhile: wait it out without the slot
-                continue
             try:
-                bucket = partition.bucket
-                if bucket is not None:
-                    await self._take_start(partition, bucket, deadline, patience)
-                fleet = self.fleet
-                if fleet is not None and partition.entry.quota.fleet is not None:
-                    pause = await fleet.admit(partition, ticket, deadline, clock)
-                    if pause is not None:
-                        # Paused across the fleet: give the slot back, wait, start over.
-                        self.forfeit(ticket)
-                        self._pause(partition, pause, share=False)
-                        continue
+                if partition.paused_until <= clock():
+                    bucket = partition.bucket
+                    if bucket is not None:
+                        await self._take_start(partition, bucket, deadline, patience)
+                    fleet = self.fleet
+                    if fleet is not None and partition.entry.quota.fleet is not None:
+                        with self._interruptible(partition):
+                            pause = await fleet.admit(partition, ticket, deadline, clock)
+                        if pause is not None:
+                            self._pause(partition, pause, share=False)
+                if partition.paused_until <= clock():
+                    return ticket
             except BaseException:
                 self.forfeit(ticket)
                 raise
-            return ticket
+            # Paused while this request waited (for its slot, its start or
+            # the fleet): give the slot back, wait the pause out, start over.
+            self.forfeit(ticket)
+
+    @contextmanager
+    def _interruptible(self, partition: Partition) -> Iterator[None]:
+        """Let :meth:`close` end a wait for the upstream's limits at once.
+
+        Waits for a pause, a rate's start or the fleet are sleeps, not
+        scheduler waits, so ``close()`` cancels them here; the request then
+        fails with :class:`RouterClosed` (the caller gives its slot back).
+        """
+        scope = anyio.CancelScope()
+        self._sleepers.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._sleepers.discard(scope)
+        if scope.cancelled_caught:  # only close() cancels these scopes
+            raise RouterClosed(f"{partition.key}: the HostRouter was closed while waiting")
 
     async def _sit_out_pause(
         self, partition: Partition, deadline: float, patience: float | None
@@ -390,11 +419,14 @@ class Admission:
                 waited=0.0,
             )
         if partition.quiet_since is not None:
-            # Keep it alive (not swept) while requests wait out its pause.
             partition.quiet_since = None
             del self._quiet[partition.key]
+        # These requests are in no lane, so the partition may look idle
+        # meanwhile; the sweep still keeps it until its pause is over (see
+        # Partition.remembers_until), so it is never dropped under them.
         try:
-            await anyio.sleep(resume - self._clock())
+            with self._interruptible(partition):
+                await anyio.sleep(resume - self._clock())
         finally:
             self._settle(partition)
 
@@ -419,7 +451,8 @@ class Admission:
             partition.counts.rate_delayed += 1
             mark = bucket.tat
             try:
-                await anyio.sleep(delay)
+                with self._interruptible(partition):
+                    await anyio.sleep(delay)
             except BaseException:
                 bucket.refund(mark, clock())
                 raise
@@ -509,6 +542,16 @@ class Admission:
             assert since is not None
             if now - since < self.idle_timeout:
                 break
+            remembered = partition.remembers_until()
+            if remembered > now:
+                # Dropped now, it would forget a pause or a rate's debt (a
+                # new partition starts with neither): keep it idle until
+                # they run out, then for partition_idle_timeout. (Put last
+                # with a later time than the others; a later one kept
+                # before it only delays its drop, never hastens it.)
+                partition.quiet_since = remembered
+                quiet.move_to_end(partition.key)
+                continue
             self._drop(partition)
             dropped = True
         if dropped and len(self._partitions) * 4 < self._peak_partitions:
@@ -744,6 +787,8 @@ class Admission:
     def close(self) -> None:
         """Refuse new requests and fail every waiter with :class:`RouterClosed`."""
         self.closed = True
+        for scope in list(self._sleepers):
+            scope.cancel()
         lanes = [p.lane for p in self._partitions.values()]
         for ticket in self.scheduler.drain(lanes):
             self._wake_payload(ticket.payload)

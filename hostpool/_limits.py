@@ -71,15 +71,17 @@ class Bucket:
         return max(0.0, self.tat - self.tolerance - now)
 
 
-_DELAY_SECONDS = re.compile(r"\s*(\d{1,12})(?:\.\d*)?\s*")
+# ASCII digits only (``\d`` would take any Unicode digit); any length (a
+# huge value is capped by the caller, not refused).
+_DELAY_SECONDS = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*")
 
 
 def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
     """Return the pause a ``Retry-After`` header asks for, in seconds (>= 0).
 
     Accepts both forms of RFC 9110 section 10.2.3: delay-seconds (``"30"``;
-    a fraction is tolerated and dropped, as most servers that send one mean
-    whole seconds) and an HTTP-date (``"Wed, 21 Oct 2015 07:28:00 GMT"``,
+    a fraction, not in the RFC, is kept: ``"1.5"`` waits 1.5 s, not less)
+    and an HTTP-date (``"Wed, 21 Oct 2015 07:28:00 GMT"``,
     measured against ``now``, wall-clock seconds since the epoch, default
     ``time.time()``). A date in the past gives 0.0. Return None for anything
     else, so the caller can log and ignore it.
@@ -93,7 +95,7 @@ def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
     """
     match = _DELAY_SECONDS.fullmatch(value)
     if match is not None:
-        return float(match.group(1))
+        return float(match.group(1))  # inf for an absurd number of digits
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

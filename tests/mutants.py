@@ -329,6 +329,22 @@ MUTANTS: list[Mutant] = [
             "if until == partition.paused_until:",
         ),
     ),
+    _limits(
+        "sweep-forgets",
+        "G10",
+        "an idle partition is dropped with its rate's debt and its pause (under its waiters)",
+        ("hostpool/_admission.py", "if remembered > now:", "if False:"),
+    ),
+    _limits(
+        "close-sleepers",
+        "G11",
+        "closing the router leaves requests asleep in a pause or a rate wait",
+        (
+            "hostpool/_admission.py",
+            "        for scope in list(self._sleepers):\n            scope.cancel()\n",
+            "",
+        ),
+    ),
     _fleet(
         "fleet-cap",
         "G12",

@@ -673,15 +673,6 @@ async def test_the_upstream_limits_show_in_stats_diagnose_repr_and_prometheus(
 # -- bugs found while writing these -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: hostpool/_admission.py Admission._admit_limited checks the pause before "
-        "the slot and after the slot, but not after _take_start's sleep: a request "
-        "already waiting for its rate start when a 429/503 pauses the partition is "
-        "sent during the pause"
-    ),
-)
 async def test_a_pause_that_begins_while_a_request_waits_for_its_rate_start_holds_it_back(
     upstream: Upstream,
 ) -> None:
@@ -714,17 +705,6 @@ async def test_a_pause_that_begins_while_a_request_waits_for_its_rate_start_hold
     assert start_of(upstream, H1, "/ok") - gated >= 1.0 - EARLY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: hostpool/_admission.py Admission._sit_out_pause: a request waiting out a "
-        "pause is not counted by the lane, so the partition goes quiet (a release's "
-        "_settle, or another sleeper's finally) and the idle sweep drops it under the "
-        "sleeper; when the pause ends, _acquire admits to the dropped lane and "
-        "_on_granted raises KeyError (self._partitions[lane.key]), leaking the slot in "
-        "the scheduler for good"
-    ),
-)
 async def test_a_partition_is_not_dropped_while_requests_wait_out_its_pause(
     upstream: Upstream,
 ) -> None:
@@ -750,16 +730,6 @@ async def test_a_partition_is_not_dropped_while_requests_wait_out_its_pause(
         assert quiet(router)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: hostpool/_admission.py Admission._sweep/_drop drop a partition after "
-        "partition_idle_timeout even while its rate bucket is still full of recent "
-        "starts; the partition made again has a fresh Bucket, so Rate(1, per=2) lets a "
-        "second request start 0.4 s after the first (Rate's documented bound: at most "
-        "burst + w*requests/per starts in any window)"
-    ),
-)
 async def test_the_rate_outlives_partition_idle_timeout(upstream: Upstream) -> None:
     quota = Quota(max_connections=5, rate=Rate(1, per=2.0, burst=1))
     async with HostRouter(partition_idle_timeout=0.2, quotas={H1: quota}) as router:
@@ -772,15 +742,6 @@ async def test_the_rate_outlives_partition_idle_timeout(upstream: Upstream) -> N
     assert_rate_bound(seen, quota.rate, jitter=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: hostpool/_admission.py Admission._sweep/_drop drop a paused partition "
-        "after partition_idle_timeout; Partition.paused_until goes with it, so the "
-        "next request is sent at once (e.g. Retry-After: 3600 with max_retry_after=3600 "
-        "is forgotten after the default 300 s)"
-    ),
-)
 async def test_a_pause_outlives_partition_idle_timeout(upstream: Upstream) -> None:
     async with HostRouter(partition_idle_timeout=0.2, default_quota=pausing()) as router:
         assert (await router.get(status_url(upstream, H1, 429, "1"))).status_code == 429
@@ -789,16 +750,6 @@ async def test_a_pause_outlives_partition_idle_timeout(upstream: Upstream) -> No
     assert start_of(upstream, H1, "/ok") - starts(upstream, H1, "/status")[0] >= 1.0 - EARLY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: hostpool/_admission.py Admission.close() fails only the scheduler's waiters; "
-        "a request sleeping in _sit_out_pause (or in _take_start for its rate start) is "
-        "not woken, and fails with RouterClosed only when its sleep ends, up to "
-        "max_retry_after later (test_router_loopback's test_aclose_fails_waiters_promptly "
-        "holds for slot waiters only)"
-    ),
-)
 @pytest.mark.parametrize("waiting_for", ["pause", "rate"])
 async def test_aclose_fails_requests_waiting_for_a_pause_or_a_rate_start_promptly(
     upstream: Upstream, waiting_for: str
