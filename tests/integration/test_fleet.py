@@ -486,6 +486,31 @@ async def test_idle_keys_expire(redis_server: RedisServer, upstream: Upstream) -
     )
 
 
+async def test_a_redis_py_client_of_the_users_serves_as_the_store(
+    redis_server: RedisServer, upstream: Upstream, anyio_backend_name: str
+) -> None:
+    """``RedisFleet(redis.asyncio.Redis(...))``: same cap, scripts loaded on NOSCRIPT."""
+    if anyio_backend_name != "asyncio":
+        pytest.skip("redis-py's asyncio client runs on asyncio only")
+    redis_asyncio = pytest.importorskip("redis.asyncio")
+    client = redis_asyncio.Redis.from_url(redis_server.url)
+    quota = Quota(max_connections=10, fleet=FleetQuota(max_connections=3))
+    routers = [
+        HostRouter(quotas={HOST: quota}, fleet=RedisFleet(client, namespace="test", timeout=1.0))
+        for _ in range(2)
+    ]
+    statuses: list[int] = []
+    try:
+        async with _routers(routers), anyio.create_task_group() as group:
+            for router in routers:
+                group.start_soon(_fire, router, upstream.url(HOST, "/delay?ms=30"), 10, statuses)
+    finally:
+        await client.aclose()
+    assert statuses == [200] * 20
+    assert upstream.stats(HOST).peak_in_flight == 3
+    assert _lease_count(redis_server, HOST) == 0
+
+
 # --------------------------------------------------------------------------
 # Bad input: a clear error at construction, nothing started
 # --------------------------------------------------------------------------
