@@ -12,8 +12,8 @@ else stays here, in process, where it is cheap:
   others queue behind it in FIFO order.
 - **Across routers, turns.** A router whose head was refused a lease is
   queued in the store (its *line*, by when it started waiting); while lines
-  wait, a free lease goes only to the oldest, and a line served goes to the
-  back. So with P routers waiting for a partition, each is served within
+  wait, n free leases go only to the n oldest, and a line served goes to
+  the back. So with P routers waiting for a partition, each is served within
   the next P leases freed (round-robin, as G5 is across partitions). The
   oldest line asks about four times as often as the others, since a free
   lease waits for it; a line that stops asking (its process died) loses its

@@ -351,8 +351,8 @@ MUTANTS: list[Mutant] = [
         "the fleet admits one request over its cap",
         (
             "hostpool/redis/_store.py",
-            "if redis.call('ZCARD', KEYS[1]) >= cap then",
-            "if redis.call('ZCARD', KEYS[1]) > cap then",
+            "local free = cap - redis.call('ZCARD', KEYS[1])",
+            "local free = cap + 1 - redis.call('ZCARD', KEYS[1])",
         ),
     ),
     _fleet(
@@ -417,8 +417,8 @@ MUTANTS: list[Mutant] = [
         "a free lease goes to whichever router asks first, not to the longest waiting",
         (
             "hostpool/redis/_store.py",
-            "if full or (oldest and oldest ~= line) then",
-            "if full then",
+            "if rank >= free then",
+            "if free <= 0 then",
         ),
     ),
     _fleet(

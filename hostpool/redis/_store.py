@@ -46,7 +46,7 @@ _US = 1_000_000
 # where first = 1 when the asker's line is the oldest waiting one.
 #
 # The queue (line id -> when it started waiting) makes the fleet fair across
-# processes: while lines wait, a free slot goes only to the oldest, and a
+# processes: while lines wait, n free slots go only to the n oldest, and a
 # line served goes to the back (it asks again, and queues anew). A line that
 # has not asked for ``stale`` µs (its process died or gave up) loses its
 # place, so it can hold the others up no longer than that.
@@ -68,17 +68,20 @@ if cap > 0 then
     redis.call('ZREM', KEYS[4], gone[i])
     redis.call('ZREM', KEYS[5], gone[i])
   end
-  local full = false
-  if redis.call('ZCARD', KEYS[1]) >= cap then full = true end
-  local oldest = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
-  if full or (oldest and oldest ~= line) then
+  -- With n leases free, the n lines waiting longest may take one; a line
+  -- not waiting yet, only if there is one for every line before it. (No
+  -- lease free: nobody may.)
+  local free = cap - redis.call('ZCARD', KEYS[1])
+  local rank = redis.call('ZRANK', KEYS[4], line)
+  if not rank then rank = redis.call('ZCARD', KEYS[4]) end
+  if rank >= free then
     redis.call('ZADD', KEYS[4], 'NX', now, line)
     redis.call('ZADD', KEYS[5], now, line)
     local keep = math.ceil(stale / 1000) * 2
     redis.call('PEXPIRE', KEYS[4], keep)
     redis.call('PEXPIRE', KEYS[5], keep)
     local first = 0
-    if redis.call('ZRANGE', KEYS[4], 0, 0)[1] == line then first = 1 end
+    if redis.call('ZRANK', KEYS[4], line) == 0 then first = 1 end
     return {0, 0, 'connections', first}
   end
 end
