@@ -51,8 +51,10 @@ from httpcore._synchronization import AsyncLock
 __all__ = [
     "DEFAULT_LIMITS",
     "ClientSeams",
+    "connect_stream",
     "is_mocked",
     "keepalive_expiry",
+    "speaks_http1_only",
     "transport_pool",
     "tune_direct_connection",
 ]
@@ -166,6 +168,32 @@ def tune_direct_connection(
     lock = getattr(conn, "_request_lock", None)
     if type(lock) is AsyncLock and not lock._backend:
         conn._request_lock = _UncontendedLock()
+
+
+def speaks_http1_only(conn: httpcore.AsyncConnectionInterface) -> bool:
+    """Tell whether ``conn`` is a direct httpcore connection that will speak HTTP/1.1 only.
+
+    Reads ``AsyncHTTPConnection._http1`` / ``._http2`` (the transport's
+    ``http1=`` / ``http2=``): only then may hostpool's own HTTP/1.1
+    connection take over its exchange (``_http11.py``).
+    """
+    if type(conn) is not httpcore.AsyncHTTPConnection:
+        return False
+    return getattr(conn, "_http1", False) is True and getattr(conn, "_http2", True) is False
+
+
+async def connect_stream(
+    conn: httpcore.AsyncConnectionInterface, request: httpcore.Request
+) -> httpcore.AsyncNetworkStream:
+    """Open ``conn``'s network stream as httpcore would for ``request`` (``_connect``).
+
+    TLS, retries, socket options and the backend stay httpcore's; the caller
+    speaks HTTP on the stream.
+    """
+    if not isinstance(conn, httpcore.AsyncHTTPConnection):
+        raise TypeError(f"not a direct httpcore connection: {conn!r}")
+    stream: httpcore.AsyncNetworkStream = await conn._connect(request)
+    return stream
 
 
 # -- httpx.AsyncClient's seams -----------------------------------------------------

@@ -40,11 +40,16 @@ import httpcore
 import httpx
 from httpcore import AsyncConnectionInterface, Origin
 
-from ._compat import keepalive_expiry, tune_direct_connection
+from ._compat import keepalive_expiry, speaks_http1_only, tune_direct_connection
 from ._errors import RouterClosed
 from ._ledger import SocketLedger
 from ._scheduler import Ticket
 from ._stream import AsyncioBackend
+
+try:  # the fast HTTP/1.1 path needs httptools (a dependency; absent, httpcore's h11)
+    from ._http11 import FastHTTP11Connection
+except ImportError:  # pragma: no cover - httptools has no wheel for the platform
+    FastHTTP11Connection = None  # type: ignore[assignment,misc]
 
 __all__ = ["PartitionPool", "ResponseBody", "Slots", "close_connections"]
 
@@ -103,6 +108,7 @@ class PartitionPool:
         # httpcore's own setting (httpx's limits.keepalive_expiry), for the
         # ledger's cheap clock-based sweep of idle sockets.
         expiry = keepalive_expiry(factory)
+        self._expiry_setting = expiry
         self._expiry = math.inf if expiry is None else expiry
         # Idle connections per origin, most recently used last: the stacks a
         # checkout pops. The ledger's table (``SocketLedger.idle``) is the
@@ -174,8 +180,9 @@ class PartitionPool:
             raise RouterClosed("the HostRouter has been closed")
         origin = request.url.origin
         key: _OriginKey = (origin.scheme, origin.host, origin.port)
+        fast = _fast_path_for(request)
         while True:
-            conn, shareable, new = await self._checkout(origin, key)
+            conn, shareable, new = await self._checkout(origin, key, fast)
             self._active[conn] = self._active.get(conn, 0) + 1
             if self._closed_meanwhile():
                 # aclose() ran while the checkout made room: do not connect.
@@ -258,9 +265,13 @@ class PartitionPool:
                 del self._shared[key]
 
     async def _checkout(
-        self, origin: Origin, key: _OriginKey
+        self, origin: Origin, key: _OriginKey, fast: bool = True
     ) -> tuple[AsyncConnectionInterface, bool, bool]:
-        """Return a connection, whether others may share it now, and whether it is new."""
+        """Return a connection, whether others may share it now, and whether it is new.
+
+        ``fast``: the request may use hostpool's own HTTP/1.1 connection;
+        when False (an upgrade, a trace) it gets a new httpcore connection.
+        """
         shared = self._shared.get(key)
         if shared:
             for conn in shared:
@@ -273,7 +284,7 @@ class PartitionPool:
                 await close_connections(retired)
             finally:
                 ledger.closed(len(retired))
-        idle = self._idle.get(key)
+        idle = self._idle.get(key) if fast else None
         discard: list[AsyncConnectionInterface] = []
         chosen: tuple[AsyncConnectionInterface, bool, bool] | None = None
         try:
@@ -297,6 +308,8 @@ class PartitionPool:
                     self._ledger.closed()
                     raise
                 tune_direct_connection(conn, AsyncioBackend)
+                if fast and FastHTTP11Connection is not None and speaks_http1_only(conn):
+                    conn = FastHTTP11Connection(conn, origin, self._expiry_setting)
                 # True when HTTP/2 is possible (https, http2=True): let concurrent
                 # requests wait on this connection rather than open their own.
                 chosen = (conn, conn.is_available(), True)
@@ -407,6 +420,18 @@ class PartitionPool:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _fast_path_for(request: httpcore.Request) -> bool:
+    """Whether hostpool's HTTP/1.1 connection may carry ``request``.
+
+    Not for a protocol upgrade (the connection becomes something else) nor
+    when the caller traces httpcore's HTTP/1.1 events (``trace``): those
+    keep httpcore's own connection.
+    """
+    if "trace" in request.extensions:
+        return False
+    return all(name.lower() != b"upgrade" for name, _ in request.headers)
 
 
 class Slots(Protocol):

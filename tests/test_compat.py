@@ -17,6 +17,7 @@ import anyio
 import httpcore
 import httpx
 import pytest
+from upstream import Upstream
 
 import hostpool
 from hostpool import _compat, _router
@@ -43,6 +44,7 @@ def _resolve(dotted: str) -> object:
         "httpcore._backends.auto:AutoBackend",
         "httpcore._synchronization:AsyncLock",
         "httpcore._synchronization:AsyncLock.setup",
+        "httpcore:AsyncHTTPConnection._connect",
     ],
 )
 def test_private_name_still_exists(dotted: str) -> None:
@@ -81,6 +83,34 @@ def test_transport_pool_fails_clearly_when_moved() -> None:
     del transport._pool
     with pytest.raises(TypeError, match=r"AsyncHTTPTransport\._pool"):
         _compat.transport_pool(transport)
+
+
+@pytest.mark.parametrize(("http1", "http2", "expected"), [(True, False, True), (True, True, False)])
+def test_a_direct_connection_says_which_protocols_it_may_speak(
+    http1: bool, http2: bool, expected: bool
+) -> None:
+    """AsyncHTTPConnection._http1 / ._http2 decide whether hostpool's HTTP/1.1 path may take it."""
+    pool = httpcore.AsyncConnectionPool(http1=http1, http2=http2)
+    conn = pool.create_connection(httpcore.Origin(b"http", b"example.com", 80))
+    assert getattr(conn, "_http1", None) is http1, "AsyncHTTPConnection._http1"
+    assert getattr(conn, "_http2", None) is http2, "AsyncHTTPConnection._http2"
+    assert _compat.speaks_http1_only(conn) is expected
+
+
+async def test_connect_stream_opens_the_connections_stream(
+    upstream: Upstream, anyio_backend_name: str
+) -> None:
+    """AsyncHTTPConnection._connect(request) returns the network stream, not yet used."""
+    pool = httpcore.AsyncConnectionPool()
+    url = httpcore.URL(upstream.url("127.0.0.1", "/ok"))
+    conn = pool.create_connection(url.origin)
+    stream = await _compat.connect_stream(conn, httpcore.Request(b"GET", url))
+    try:
+        assert isinstance(stream, httpcore.AsyncNetworkStream)
+        await stream.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stream.read(65536)).startswith(b"HTTP/1.1 200")
+    finally:
+        await stream.aclose()
 
 
 def test_a_direct_connection_has_the_backend_and_lock_hostpool_tunes() -> None:

@@ -1,0 +1,432 @@
+"""A fast HTTP/1.1 connection: httptools (llhttp) instead of httpcore's h11 connection.
+
+httpcore's ``AsyncHTTP11Connection`` turns every response into h11 events
+and every body chunk into several layers of async generators; together they
+were most of a request's CPU below httpx's own client layer (benchmarks:
+profile). :class:`FastHTTP11Connection` speaks HTTP/1.1 itself on the same
+network stream: it serialises a request head with one ``bytes`` join and
+parses the response with llhttp (``httptools``, the parser uvicorn uses),
+feeding it what one ``read`` returns.
+
+It sits behind httpcore's connection interface, so the pool, httpx's
+request/response conversion and its mapping of httpcore's exceptions work
+unchanged. Connecting stays httpcore's (``AsyncHTTPConnection._connect``:
+TLS, retries, socket options, Unix sockets, hostpool's asyncio stream), so
+only the exchange is new. Used for direct connections that speak HTTP/1.1
+only (HTTP/2 disabled), for requests that carry no ``Upgrade`` header and
+no httpcore ``trace`` extension; everything else keeps httpcore's
+connection (``fast_path_for`` in ``_pool.py``).
+
+The contract, as httpcore's HTTP/1.1 connection keeps it (and the
+differential tests in ``tests/differential/`` check against h11):
+
+- one request at a time; keep-alive unless the request or the response says
+  ``Connection: close`` or the response is HTTP/1.0 without keep-alive;
+- bodies by Content-Length, chunked (trailers read and ignored) or until
+  the server closes; none for HEAD, 1xx, 204 and 304; 1xx interim
+  responses before the final one are skipped;
+- a malformed response, a header block over 100 KiB, a body cut short, or
+  bytes after a complete response → ``RemoteProtocolError``; a read or
+  write that times out → ``ReadTimeout`` / ``WriteTimeout``;
+- a connection that saw an error, or whose body was not read to its end,
+  is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpcore
+import httptools
+import httpx
+
+from ._compat import connect_stream
+
+__all__ = ["FastHTTP11Connection"]
+
+#: httpcore's h11 limit on an incomplete event (a response head), in bytes.
+MAX_HEAD_SIZE = 100 * 1024
+_READ_SIZE = 64 * 1024
+
+_NEW, _IDLE, _ACTIVE, _CLOSED = "NEW", "IDLE", "ACTIVE", "CLOSED"
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop llhttp (see :class:`_Exchange`)."""
+
+
+class _Exchange:
+    """One response, as llhttp reports it: the parser's callbacks write here.
+
+    llhttp gives no way to say "this response has no body" from outside (a
+    response to HEAD): ``on_headers_complete`` then raises :class:`_Stop`,
+    and the bytes after the head must be nothing, which the caller checks.
+    Bytes after a complete response (a new message beginning) stop it too.
+    """
+
+    __slots__ = (
+        "body",
+        "complete",
+        "extra",
+        "head_bytes",
+        "headers",
+        "headers_done",
+        "interim",
+        "keep_alive",
+        "no_body",
+        "parser",
+        "reason",
+        "status",
+    )
+
+    def __init__(self, head_request: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.no_body = head_request
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.status = 0
+        self.interim = False
+        self.complete = False
+        self.extra = False
+        self.keep_alive = False
+        self.body: list[bytes] = []
+        self.head_bytes = 0
+
+    # -- llhttp's callbacks -----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True  # a second response nobody asked for
+            raise _Stop
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.headers_done:  # trailers (after a chunked body) are ignored
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim response: skipped, the final one follows.
+            self.interim = True
+            self.headers = []
+            self.reason = b""
+            return
+        self.status = status
+        self.headers_done = True
+        if self.no_body:
+            # llhttp does not know this response has no body (HEAD): with
+            # neither length nor chunking it would wait for a close.
+            self.keep_alive = self._persistent()
+            self.complete = True
+            raise _Stop
+        # Asked now: llhttp forgets the message's flags once it is complete.
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+
+    def _persistent(self) -> bool:
+        """Keep-alive by version and ``Connection`` alone (RFC 9112 section 9.3)."""
+        tokens = b",".join(v for n, v in self.headers if n.lower() == b"connection").lower()
+        if self.parser.get_http_version() == "1.0":
+            return b"keep-alive" in tokens
+        return b"close" not in tokens
+
+    # -- feeding ----------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; raise ``RemoteProtocolError`` on anything malformed."""
+        if not self.headers_done:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            if self.extra:
+                return
+            if self.no_body and self.complete:
+                # Stopped at the end of a HEAD response's head: anything
+                # after it in this read would be a body nobody may send.
+                end = bytes(data).find(b"\r\n\r\n")
+                if end != -1 and end + 4 < len(data):
+                    self.extra = True
+                return
+            raise
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols (only asked for with an Upgrade header,
+            # which never takes this path): not a response we can go on from.
+            raise httpcore.RemoteProtocolError("unexpected protocol switch") from None
+        except httptools.HttpParserError as exc:
+            raise httpcore.RemoteProtocolError(f"malformed response: {exc}") from exc
+        if not self.headers_done and self.head_bytes > MAX_HEAD_SIZE:
+            raise httpcore.RemoteProtocolError("the response head is larger than 100 KiB")
+
+    def framing_ends_with_close(self) -> bool:
+        """True when the body runs until the server closes (no length, not chunked)."""
+        if self.no_body or self.status in (204, 304):
+            return False
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                return False
+            if lowered == b"transfer-encoding" and b"chunked" in value.lower():
+                return False
+        return True
+
+
+class _Body:
+    """The response body: chunks as llhttp parsed them, read from the stream on demand.
+
+    Memory is bounded by one read (64 KiB) plus the stream's own buffer.
+    """
+
+    __slots__ = ("_conn", "_exchange", "_read_timeout")
+
+    def __init__(
+        self, conn: FastHTTP11Connection, exchange: _Exchange, read_timeout: float | None
+    ) -> None:
+        self._conn = conn
+        self._exchange = exchange
+        self._read_timeout = read_timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        exchange = self._exchange
+        conn = self._conn
+        while True:
+            body = exchange.body
+            if body:
+                exchange.body = []
+                for chunk in body:
+                    yield chunk
+            if exchange.complete:
+                return
+            await conn._read_into(exchange, self._read_timeout)
+
+    async def aclose(self) -> None:
+        await self._conn._response_closed(self._exchange)
+
+
+class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
+    """HTTP/1.1 on httpcore's network stream, parsed by llhttp; see the module docstring."""
+
+    def __init__(
+        self,
+        inner: httpcore.AsyncConnectionInterface,
+        origin: httpcore.Origin,
+        keepalive_expiry: float | None,
+    ) -> None:
+        # ``inner`` connects (httpcore's TLS, retries, socket options) and
+        # hands over its stream; it never sends a request itself.
+        self._inner = inner
+        self._origin = origin
+        self._keepalive_expiry = keepalive_expiry
+        self._stream: httpcore.AsyncNetworkStream | None = None
+        self._state = _NEW
+        self._expire_at: float | None = None
+        self._requests = 0
+        self._keep_alive = False
+        self._exchange: _Exchange | None = None
+
+    # -- httpcore's connection interface ------------------------------------------
+
+    def can_handle_request(self, origin: httpcore.Origin) -> bool:
+        return origin == self._origin
+
+    def is_available(self) -> bool:
+        return self._state is _IDLE
+
+    def has_expired(self) -> bool:
+        if self._expire_at is not None and time.monotonic() > self._expire_at:
+            return True
+        stream = self._stream
+        # Idle and readable: the server closed it or sent what nobody asked for.
+        return (
+            self._state is _IDLE
+            and stream is not None
+            and bool(stream.get_extra_info("is_readable"))
+        )
+
+    def is_idle(self) -> bool:
+        return self._state is _IDLE
+
+    def is_closed(self) -> bool:
+        return self._state is _CLOSED
+
+    def info(self) -> str:
+        return (
+            f"{self._origin!s}, HTTP/1.1 (hostpool), {self._state}, Request Count: {self._requests}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<FastHTTP11Connection [{self.info()}]>"
+
+    async def aclose(self) -> None:
+        self._state = _CLOSED
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.aclose()
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        if not self.can_handle_request(request.url.origin):
+            raise RuntimeError(
+                f"Attempted to send request to {request.url.origin} on connection to {self._origin}"
+            )
+        if self._state is not _IDLE and self._state is not _NEW:
+            raise httpcore.ConnectionNotAvailable()
+        timeouts = request.extensions.get("timeout", {})
+        if self._stream is None:
+            self._state = _ACTIVE
+            try:
+                self._stream = await connect_stream(self._inner, request)
+            except BaseException:
+                self._state = _CLOSED
+                raise
+        self._state = _ACTIVE
+        self._expire_at = None
+        self._requests += 1
+        exchange = _Exchange(request.method == b"HEAD")
+        self._exchange = exchange
+        try:
+            keep_alive = await self._send(request, timeouts.get("write"))
+            read_timeout = timeouts.get("read")
+            while not exchange.headers_done:
+                await self._read_into(exchange, read_timeout)
+        except BaseException:
+            await self._close_for_good()
+            raise
+        self._keep_alive = keep_alive
+        parser = exchange.parser
+        version = b"HTTP/1.1" if parser.get_http_version() == "1.1" else b"HTTP/1.0"
+        return httpcore.Response(
+            status=exchange.status,
+            headers=exchange.headers,
+            content=_Body(self, exchange, read_timeout),
+            extensions={
+                "http_version": version,
+                "reason_phrase": exchange.reason,
+                "network_stream": self._stream,
+            },
+        )
+
+    # -- the exchange ---------------------------------------------------------------
+
+    async def _send(self, request: httpcore.Request, timeout: float | None) -> bool:
+        """Write the request; return whether it allows keep-alive."""
+        stream = self._stream
+        assert stream is not None
+        url = request.url
+        parts = [request.method, b" ", url.target, b" HTTP/1.1\r\n"]
+        keep_alive = True
+        chunked = False
+        length: int | None = None
+        for name, value in request.headers:
+            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name or not name:
+                raise httpcore.LocalProtocolError(f"illegal header: {name!r}")
+            lowered = name.lower()
+            if lowered == b"connection" and b"close" in value.lower():
+                keep_alive = False
+            elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif lowered == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise httpcore.LocalProtocolError(f"bad Content-Length {value!r}") from None
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        pending = b"".join(parts)
+        sent = 0
+        body = request.stream
+        # A body httpx holds in memory goes in the same write as the head;
+        # any other is streamed as it comes, the head first (the server
+        # may answer before the body ends, as with h11).
+        in_memory = isinstance(body, httpx.ByteStream)
+        if not in_memory:
+            await stream.write(pending, timeout)
+            pending = b""
+        async for chunk in _chunks(body):
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if chunked:
+                chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            elif length is None:
+                raise httpcore.LocalProtocolError("request body without Content-Length")
+            if in_memory:
+                pending += chunk
+            else:
+                await stream.write(chunk, timeout)
+        if chunked:
+            pending += b"0\r\n\r\n"
+        elif length is not None and sent != length:
+            raise httpcore.LocalProtocolError(
+                f"request body was {sent} bytes, Content-Length said {length}"
+            )
+        if pending:
+            await stream.write(pending, timeout)
+        return keep_alive
+
+    async def _read_into(self, exchange: _Exchange, timeout: float | None) -> None:
+        """Read once from the stream and parse it; the server closing ends a close-framed body."""
+        stream = self._stream
+        if stream is None:
+            raise httpcore.ReadError("the connection was closed")
+        data = await stream.read(_READ_SIZE, timeout)
+        if data:
+            exchange.feed(data)
+            return
+        # The server closed the connection.
+        self._keep_alive = False
+        if exchange.headers_done and exchange.framing_ends_with_close():
+            exchange.complete = True
+            return
+        if not exchange.headers_done and exchange.head_bytes == 0:
+            raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+        raise httpcore.RemoteProtocolError(
+            "peer closed connection without sending complete message body"
+        )
+
+    async def _response_closed(self, exchange: _Exchange) -> None:
+        """The body was closed: keep the connection for the next request, or close it."""
+        if exchange is not self._exchange or self._state is not _ACTIVE:
+            return
+        self._exchange = None
+        reusable = (
+            exchange.complete
+            and not exchange.extra
+            and self._keep_alive
+            and exchange.keep_alive
+        )
+        if not reusable:
+            await self._close_for_good()
+            return
+        self._state = _IDLE
+        if self._keepalive_expiry is not None:
+            self._expire_at = time.monotonic() + self._keepalive_expiry
+
+    async def _close_for_good(self) -> None:
+        self._state = _CLOSED
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.aclose()
+
+
+async def _chunks(body: Any) -> AsyncIterator[bytes]:
+    """A request body's pieces, whether httpx gave an async or a sync iterable."""
+    if hasattr(body, "__aiter__"):
+        async for chunk in body:
+            yield chunk
+    else:
+        for chunk in body:
+            yield chunk
