@@ -35,7 +35,6 @@ differential tests in ``tests/differential/`` check against h11):
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpcore
@@ -188,7 +187,10 @@ class _Exchange:
 class _Body:
     """The response body: chunks as llhttp parsed them, read from the stream on demand.
 
-    Memory is bounded by one read (64 KiB) plus the stream's own buffer.
+    Memory is bounded by one read (64 KiB) plus the stream's own buffer. An
+    iterator, not an async generator: asyncio registers every async
+    generator with the loop on its first step (a weak set), a cost paid per
+    response by every layer that wraps a body.
     """
 
     __slots__ = ("_conn", "_exchange", "_read_timeout")
@@ -200,18 +202,19 @@ class _Body:
         self._exchange = exchange
         self._read_timeout = read_timeout
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
         exchange = self._exchange
-        conn = self._conn
         while True:
             body = exchange.body
             if body:
                 exchange.body = []
-                for chunk in body:
-                    yield chunk
+                return body[0] if len(body) == 1 else b"".join(body)
             if exchange.complete:
-                return
-            await conn._read_into(exchange, self._read_timeout)
+                raise StopAsyncIteration
+            await self._conn._read_into(exchange, self._read_timeout)
 
     async def aclose(self) -> None:
         await self._conn._response_closed(self._exchange)
@@ -346,35 +349,35 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
         pending = b"".join(parts)
-        sent = 0
         body = request.stream
         # A body httpx holds in memory goes in the same write as the head;
         # any other is streamed as it comes, the head first (the server
         # may answer before the body ends, as with h11).
-        in_memory = isinstance(body, httpx.ByteStream)
-        if not in_memory:
-            await stream.write(pending, timeout)
-            pending = b""
-        async for chunk in _chunks(body):
-            if not chunk:
-                continue
-            sent += len(chunk)
+        if isinstance(body, httpx.ByteStream):
+            data = b"".join(body)
+            if not chunked and length is not None and len(data) != length:
+                raise httpcore.LocalProtocolError(
+                    f"request body was {len(data)} bytes, Content-Length said {length}"
+                )
+            if data:
+                pending += _framed(data, chunked, length)
             if chunked:
-                chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-            elif length is None:
-                raise httpcore.LocalProtocolError("request body without Content-Length")
-            if in_memory:
-                pending += chunk
-            else:
-                await stream.write(chunk, timeout)
+                pending += b"0\r\n\r\n"
+            await stream.write(pending, timeout)
+            return keep_alive
+        await stream.write(pending, timeout)
+        sent = 0
+        chunks = body if hasattr(body, "__aiter__") else _AsIterator(body)
+        async for chunk in chunks:
+            if chunk:
+                sent += len(chunk)
+                await stream.write(_framed(chunk, chunked, length), timeout)
         if chunked:
-            pending += b"0\r\n\r\n"
+            await stream.write(b"0\r\n\r\n", timeout)
         elif length is not None and sent != length:
             raise httpcore.LocalProtocolError(
                 f"request body was {sent} bytes, Content-Length said {length}"
             )
-        if pending:
-            await stream.write(pending, timeout)
         return keep_alive
 
     async def _read_into(self, exchange: _Exchange, timeout: float | None) -> None:
@@ -403,10 +406,7 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             return
         self._exchange = None
         reusable = (
-            exchange.complete
-            and not exchange.extra
-            and self._keep_alive
-            and exchange.keep_alive
+            exchange.complete and not exchange.extra and self._keep_alive and exchange.keep_alive
         )
         if not reusable:
             await self._close_for_good()
@@ -422,11 +422,31 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             await stream.aclose()
 
 
-async def _chunks(body: Any) -> AsyncIterator[bytes]:
-    """A request body's pieces, whether httpx gave an async or a sync iterable."""
-    if hasattr(body, "__aiter__"):
-        async for chunk in body:
-            yield chunk
-    else:
-        for chunk in body:
-            yield chunk
+def _framed(chunk: bytes, chunked: bool, length: int | None) -> bytes:
+    """A piece of request body as it goes on the wire."""
+    if chunked:
+        return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+    if length is None:
+        raise httpcore.LocalProtocolError("request body without Content-Length")
+    if len(chunk) > length:
+        raise httpcore.LocalProtocolError(f"request body longer than its Content-Length ({length})")
+    return chunk
+
+
+class _AsIterator:
+    """A sync iterable of body pieces, iterated with ``async for``."""
+
+    __slots__ = ("_it",)
+
+    def __init__(self, body: Any) -> None:
+        self._it = iter(body)
+
+    def __aiter__(self) -> _AsIterator:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk: bytes = next(self._it)
+        except StopIteration:
+            raise StopAsyncIteration from None
+        return chunk

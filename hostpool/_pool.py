@@ -32,7 +32,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -455,7 +455,7 @@ class ResponseBody(httpx.AsyncByteStream):
     pooled connection of ours, a pool used on its own holds no slot.
     """
 
-    __slots__ = ("_conn", "_done", "_origin", "_pool", "_slots", "_stream", "_ticket")
+    __slots__ = ("_chunks", "_conn", "_done", "_origin", "_pool", "_slots", "_stream", "_ticket")
 
     def __init__(
         self,
@@ -476,13 +476,21 @@ class ResponseBody(httpx.AsyncByteStream):
         if slots is not None:
             slots.open_bodies.add(self)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> ResponseBody:
+        # An iterator, not an async generator (see _http11._Body): iterated
+        # once, as httpx iterates a response stream.
+        self._chunks = self._stream.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            async for chunk in self._stream:
-                yield chunk
+            chunk: bytes = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            raise
         except BaseException:
             await self._close(failed=True)
             raise
+        return chunk
 
     async def aclose(self) -> None:
         await self._close(failed=False)

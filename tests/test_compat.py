@@ -40,7 +40,7 @@ def _resolve(dotted: str) -> object:
         "httpx:AsyncClient._init_transport",
         "httpx:AsyncClient._init_proxy_transport",
         "httpx:AsyncClient._send_single_request",
-        "httpx._client:BoundAsyncStream",
+        "httpx:AsyncClient._transport_for_url",
         "httpcore._backends.auto:AutoBackend",
         "httpcore._synchronization:AsyncLock",
         "httpcore._synchronization:AsyncLock.setup",
@@ -69,6 +69,12 @@ def test_async_client_hook_keeps_its_arguments(method: str, arguments: list[str]
     signature = inspect.signature(getattr(httpx.AsyncClient, method))
     names = [name for name in signature.parameters if name != "self"]
     assert names == arguments, f"httpx.AsyncClient.{method} changed its arguments: {names}"
+
+
+def test_a_client_keeps_its_default_encoding_where_send_single_request_reads_it() -> None:
+    """AsyncClient._default_encoding (read by ClientSeams._send_single_request)."""
+    client = httpx.AsyncClient(default_encoding="latin-1")
+    assert getattr(client, "_default_encoding", None) == "latin-1", "AsyncClient._default_encoding"
 
 
 def test_transport_pool_is_reachable() -> None:

@@ -739,7 +739,8 @@ async def test_the_rate_outlives_partition_idle_timeout(upstream: Upstream) -> N
             await router.get(upstream.url(H1, "/ok?second"))
     seen = starts(upstream, H1)
     assert len(seen) == 2
-    assert_rate_bound(seen, quota.rate, jitter=0)
+    # Forgotten with the partition, the second would start at ~0.4 s.
+    assert seen[1] - seen[0] >= quota.rate.interval - EARLY
 
 
 async def test_a_pause_outlives_partition_idle_timeout(upstream: Upstream) -> None:
