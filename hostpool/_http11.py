@@ -68,6 +68,7 @@ class _Exchange:
     __slots__ = (
         "body",
         "complete",
+        "error",
         "extra",
         "head_bytes",
         "headers",
@@ -78,10 +79,20 @@ class _Exchange:
         "parser",
         "reason",
         "status",
+        "tail",
     )
 
     def __init__(self, head_request: bool) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = parser = httptools.HttpResponseParser(self)
+        # Where h11 accepts what llhttp would refuse: any HTTP/x.y version,
+        # bare LF line ends, spaces after a chunk size, Content-Length next
+        # to chunked (chunked wins, as in h11).
+        parser.set_dangerous_leniencies(
+            lenient_version=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+            lenient_chunked_length=True,
+        )
         self.no_body = head_request
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -90,9 +101,11 @@ class _Exchange:
         self.interim = False
         self.complete = False
         self.extra = False
+        self.error: httpcore.RemoteProtocolError | None = None
         self.keep_alive = False
         self.body: list[bytes] = []
         self.head_bytes = 0
+        self.tail = b""
 
     # -- llhttp's callbacks -----------------------------------------------------
 
@@ -105,11 +118,24 @@ class _Exchange:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.headers_done:  # trailers (after a chunked body) are ignored
-            self.headers.append((name, value))
+        if self.headers_done:  # trailers (after a chunked body) are ignored
+            return
+        # As h11 gives them: no trailing whitespace (llhttp keeps it),
+        # Transfer-Encoding lower-cased, a repeated equal Content-Length once.
+        value = value.rstrip(b" \t")
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            value = value.lower()
+        elif lowered == b"content-length" and any(
+            n.lower() == b"content-length" and v == value for n, v in self.headers
+        ):
+            return
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status < 100:
+            raise httpcore.RemoteProtocolError(f"malformed response: status {status}")
         if 100 <= status < 200 and status != 101:
             # An interim response: skipped, the final one follows.
             self.interim = True
@@ -117,15 +143,17 @@ class _Exchange:
             self.reason = b""
             return
         self.status = status
+        encodings = [v for n, v in self.headers if n.lower() == b"transfer-encoding"]
+        if encodings and encodings != [b"chunked"]:
+            # h11 knows one transfer coding, once; llhttp would read until close.
+            raise httpcore.RemoteProtocolError(f"unsupported Transfer-Encoding {encodings!r}")
         self.headers_done = True
+        self.keep_alive = self._persistent()
         if self.no_body:
             # llhttp does not know this response has no body (HEAD): with
             # neither length nor chunking it would wait for a close.
-            self.keep_alive = self._persistent()
             self.complete = True
             raise _Stop
-        # Asked now: llhttp forgets the message's flags once it is complete.
-        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -137,39 +165,68 @@ class _Exchange:
         self.complete = True
 
     def _persistent(self) -> bool:
-        """Keep-alive by version and ``Connection`` alone (RFC 9112 section 9.3)."""
+        """h11's rule: reusable unless ``Connection: close`` or a version below 1.1.
+
+        (A body that runs until the server closes ends the connection too:
+        the caller sees the close.)
+        """
         tokens = b",".join(v for n, v in self.headers if n.lower() == b"connection").lower()
-        if self.parser.get_http_version() == "1.0":
-            return b"keep-alive" in tokens
-        return b"close" not in tokens
+        if b"close" in tokens:
+            return False
+        return self.parser.get_http_version().encode() >= b"1.1"
 
     # -- feeding ----------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Parse ``data``; raise ``RemoteProtocolError`` on anything malformed."""
+        """Parse ``data``; raise ``RemoteProtocolError`` on anything malformed.
+
+        Stricter than llhttp where h11 is (the differential tests hold the
+        two together): no empty line before the status line, a status of
+        three digits from 100.
+        """
         if not self.headers_done:
+            if not self.head_bytes and data[:1] in (b"\r", b"\n"):
+                raise httpcore.RemoteProtocolError("malformed response: empty line first")
             self.head_bytes += len(data)
+        seen = b""
+        if self.no_body:
+            # The last bytes read, to tell where a HEAD response's head ends.
+            seen = self.tail + data
+            self.tail = seen[-4:]
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as exc:
             if self.extra:
                 return
             if self.no_body and self.complete:
                 # Stopped at the end of a HEAD response's head: anything
                 # after it in this read would be a body nobody may send.
-                end = bytes(data).find(b"\r\n\r\n")
-                if end != -1 and end + 4 < len(data):
+                if not seen.endswith((b"\r\n\r\n", b"\n\n", b"\n\r\n")):
                     self.extra = True
                 return
-            raise
+            cause = exc.__context__
+            if isinstance(cause, httpcore.RemoteProtocolError):
+                self._fail(cause)
+            else:
+                self._fail(httpcore.RemoteProtocolError(f"malformed response: {exc}"))
         except httptools.HttpParserUpgrade:
             # 101 Switching Protocols (only asked for with an Upgrade header,
             # which never takes this path): not a response we can go on from.
-            raise httpcore.RemoteProtocolError("unexpected protocol switch") from None
+            self._fail(httpcore.RemoteProtocolError("unexpected protocol switch"))
         except httptools.HttpParserError as exc:
-            raise httpcore.RemoteProtocolError(f"malformed response: {exc}") from exc
+            self._fail(httpcore.RemoteProtocolError(f"malformed response: {exc}"))
         if not self.headers_done and self.head_bytes > MAX_HEAD_SIZE:
             raise httpcore.RemoteProtocolError("the response head is larger than 100 KiB")
+
+    def _fail(self, error: httpcore.RemoteProtocolError) -> None:
+        """Raise ``error`` now if the head is not complete; else after the body parsed so far.
+
+        As with h11: a response whose head was good is returned, and its
+        body fails where it goes wrong, after the bytes before that point.
+        """
+        if not self.headers_done:
+            raise error
+        self.error = error
 
     def framing_ends_with_close(self) -> bool:
         """True when the body runs until the server closes (no length, not chunked)."""
@@ -212,6 +269,8 @@ class _Body:
             if body:
                 exchange.body = []
                 return body[0] if len(body) == 1 else b"".join(body)
+            if exchange.error is not None:
+                raise exchange.error
             if exchange.complete:
                 raise StopAsyncIteration
             await self._conn._read_into(exchange, self._read_timeout)
@@ -309,8 +368,7 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             await self._close_for_good()
             raise
         self._keep_alive = keep_alive
-        parser = exchange.parser
-        version = b"HTTP/1.1" if parser.get_http_version() == "1.1" else b"HTTP/1.0"
+        version = b"HTTP/" + exchange.parser.get_http_version().encode()
         return httpcore.Response(
             status=exchange.status,
             headers=exchange.headers,

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEDULER_TESTS = ["tests/test_scheduler.py", "tests/properties/test_scheduler_machine.py"]
 LIMITS_TESTS = ["tests/test_limits.py", "tests/integration/test_upstream_limits.py"]
 FLEET_TESTS = ["tests/integration/test_fleet.py"]
+HTTP11_TESTS = ["tests/differential/test_http11_differential.py"]
 LOOPBACK_TESTS = [
     "tests/test_ledger.py",
     "tests/test_pool.py",
@@ -69,6 +70,10 @@ def _loopback(name: str, guarantee: str, what: str, *edits: tuple[str, str, str]
 
 def _limits(name: str, guarantee: str, what: str, *edits: tuple[str, str, str]) -> Mutant:
     return Mutant(name, guarantee, what, edits, tuple(LIMITS_TESTS))
+
+
+def _http11(name: str, guarantee: str, what: str, *edits: tuple[str, str, str]) -> Mutant:
+    return Mutant(name, guarantee, what, edits, tuple(HTTP11_TESTS))
 
 
 def _fleet(name: str, guarantee: str, what: str, *edits: tuple[str, str, str]) -> Mutant:
@@ -343,6 +348,32 @@ MUTANTS: list[Mutant] = [
             "hostpool/_admission.py",
             "        for scope in list(self._sleepers):\n            scope.cancel()\n",
             "",
+        ),
+    ),
+    _http11(
+        "http11-keep-alive",
+        "H1",
+        "the fast HTTP/1.1 path reuses connections the response said to close",
+        ("hostpool/_http11.py", "self.keep_alive = self._persistent()", "self.keep_alive = True"),
+    ),
+    _http11(
+        "http11-head-body",
+        "H1",
+        "a response to HEAD is read as if it had a body",
+        (
+            "hostpool/_http11.py",
+            'exchange = _Exchange(request.method == b"HEAD")',
+            "exchange = _Exchange(False)",
+        ),
+    ),
+    _http11(
+        "http11-short-body",
+        "H1",
+        "a body cut short by the server's close counts as complete",
+        (
+            "hostpool/_http11.py",
+            "        if exchange.headers_done and exchange.framing_ends_with_close():",
+            "        if exchange.headers_done:",
         ),
     ),
     _fleet(

@@ -714,7 +714,7 @@ async def test_malformed_response_corpus(
         Step(case.method, "/1", case.reply, timeout=CORPUS_TIMEOUT),
         Step("GET", "/2", OK_REPLY),
     ]
-    reference = await assert_same(scripted_server, steps, stream=stream)
+    reference = await assert_same_or_documented(scripted_server, steps, case, stream=stream)
     first, second = reference.results
     assert (first.error, first.phase) == (case.error, case.phase), first
     if stream and case.body is not None:
@@ -1003,6 +1003,37 @@ H11_EDGES = [
 ]
 
 
+#: Where hostpool's HTTP/1.1 connection (llhttp) knowingly differs from h11,
+#: on inputs RFC 9112 lets a recipient reject or accept: case id -> (the
+#: router's outcome for the first request: the error class, or None for
+#: success; why). The reference keeps its own pinned outcome; the router must
+#: give exactly this one, and never reuse a connection that saw an error.
+DIVERGES: dict[str, tuple[type[Exception] | None, str]] = {
+    "chunk-size-too-long": (None, "llhttp reads a chunk size of any length; h11: 20 digits"),
+    "duplicate-content-length-kept-once": (RPE, "llhttp refuses a repeated Content-Length"),
+    "content-length-list-of-equal-values": (RPE, "llhttp refuses a Content-Length list"),
+    "obs-fold-joined-with-a-space": (RPE, "llhttp refuses obsolete line folding"),
+    "space-before-chunk-extension": (None, "spaces after a chunk size are allowed (as h11 does)"),
+    "chunk-extension-value-with-space": (RPE, "llhttp refuses a space in a chunk extension"),
+}
+
+
+async def assert_same_or_documented(
+    server: ScriptedServer, steps: Sequence[Step], case: Case, *, stream: bool
+) -> Outcome:
+    """``assert_same``, except for a case in :data:`DIVERGES`: the router's pinned outcome."""
+    if case.id not in DIVERGES:
+        return await assert_same(server, steps, stream=stream)
+    expected, why = DIVERGES[case.id]
+    reference, router = await differential(server, steps, stream=stream)
+    first = router.results[0]
+    assert first.error == expected, (why, router)
+    assert router.results[1].body == b"ok", router
+    if first.error is not None:
+        assert router.connections == (0, 1), "a connection that saw an error was reused"
+    return reference
+
+
 @pytest.mark.parametrize(("case", "stream"), with_modes(H11_EDGES))
 async def test_h11_edge_cases(scripted_server: ScriptedServer, case: Case, stream: bool) -> None:
     """What h11 normalises (headers.raw), tolerates or rejects: the router must do the same."""
@@ -1010,7 +1041,7 @@ async def test_h11_edge_cases(scripted_server: ScriptedServer, case: Case, strea
         Step(case.method, "/1", case.reply, timeout=CORPUS_TIMEOUT),
         Step("GET", "/2", OK_REPLY),
     ]
-    reference = await assert_same(scripted_server, steps, stream=stream)
+    reference = await assert_same_or_documented(scripted_server, steps, case, stream=stream)
     first, second = reference.results
     assert (first.error, first.phase) == (case.error, case.phase), first
     if case.body is not None and first.error is None:
@@ -1133,11 +1164,18 @@ async def test_mutated_heads(
         if result.error is not None:
             assert issubclass(result.error, httpx.HTTPError), message
     assert reference.results[1:] == router.results[1:], message
-    assert reference.connections == router.connections, message
     mine, theirs = router.results[0], reference.results[0]
     if mine == theirs:
+        assert reference.connections == router.connections, message
         return
-    if mine.error is not None and theirs.error is not None and not STRICT:
+    for result, outcome in ((mine, router), (theirs, reference)):
+        if result.error is not None:
+            assert outcome.connections == (0, 1), "a connection that saw an error was reused"
+    # Damaged heads where one parser accepts what the other refuses (llhttp
+    # and h11 draw RFC 9112's leniency lines differently): recorded as a
+    # warning, a failure with HOSTPOOL_DIFFERENTIAL_STRICT=1. A success on
+    # both sides must match.
+    if (mine.error is not None or theirs.error is not None) and not STRICT:
         divergences.append(Divergence(step, theirs, mine))
         return
     raise AssertionError(message)
