@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib.metadata
 import json
@@ -42,6 +43,9 @@ class Settings:
     # throughput
     concurrency: tuple[int, ...] = (1, 10, 50, 200)
     trial_seconds: float = 2.0
+    # large body (streamed), per (loop, client) trial
+    large_body_bytes: int = 10 * 2**20
+    large_trial_seconds: float = 2.0
     # isolation
     flood: int = 200
     flood_delay_ms: int = 500
@@ -77,8 +81,10 @@ class Settings:
             repeats=1,
             out=out,
             report=out / "RESULTS.md",
-            concurrency=(1, 10),
+            concurrency=(1, 50),
             trial_seconds=0.05,
+            large_body_bytes=2 * 2**20,
+            large_trial_seconds=0.05,
             flood=20,
             flood_delay_ms=100,
             fast_requests=10,
@@ -180,11 +186,29 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "versions": {
             name: _version(name)
-            for name in ("hostpool", "httpx", "httpcore", "anyio", "h11", "aiohttp")
+            for name in (
+                "hostpool",
+                "httpx",
+                "httpcore",
+                "anyio",
+                "h11",
+                "httptools",
+                "aiohttp",
+                "uvloop",
+            )
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_state(),
+        # The tree as it was when the run began (its modules were imported then),
+        # and as it is now when someone edited or committed hostpool/ meanwhile.
+        "git": git_at_start(),
+        **({"git_at_write": now} if (now := _git_state()) != git_at_start() else {}),
     }
+
+
+@functools.cache
+def git_at_start() -> str | None:
+    """The hostpool tree at the first call (``cli.main`` makes it before any scenario)."""
+    return _git_state()
 
 
 def _git_state() -> str | None:

@@ -13,27 +13,64 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import fleet, footprint, isolation, many_hosts, overhead, profiling, scheduler, throughput
-from ._common import Settings
+from . import (
+    fleet,
+    footprint,
+    isolation,
+    large_body,
+    many_hosts,
+    overhead,
+    profiling,
+    scheduler,
+    throughput,
+)
+from ._common import Settings, git_at_start
 from .report import write_report
 from .upstream import Upstream, raise_fd_limit
 
 __all__ = ["main"]
 
-Scenario = Callable[[Settings, Any, Callable[[str], None]], Awaitable[dict[str, Any]]]
+Log = Callable[[str], None]
+#: A scenario runs its own event loops (one per trial: ``throughput`` and
+#: ``large_body`` interleave asyncio's loop and uvloop) and returns its result.
+Scenario = Callable[[Settings, Any, Log], dict[str, Any]]
+
+
+def _on_asyncio(
+    scenario: Callable[[Settings, Any, Log], Awaitable[dict[str, Any]]],
+) -> Scenario:
+    """A scenario that runs whole in one ``asyncio.run`` (asyncio's default loop)."""
+
+    def run(settings: Settings, upstream: Any, log: Log) -> dict[str, Any]:
+        async def main() -> dict[str, Any]:
+            return await scenario(settings, upstream, log)
+
+        return asyncio.run(main())
+
+    return run
+
 
 #: In the order they run. Scenarios without sockets go first.
 SCENARIOS: dict[str, Scenario] = {
-    "scheduler": scheduler.run,
-    "overhead": overhead.run,
+    "scheduler": _on_asyncio(scheduler.run),
+    "overhead": _on_asyncio(overhead.run),
     "throughput": throughput.run,
-    "isolation": isolation.run,
-    "many_hosts": many_hosts.run,
-    "footprint": footprint.run,
-    "profile": profiling.run,
-    "fleet": fleet.run,
+    "large_body": large_body.run,
+    "isolation": _on_asyncio(isolation.run),
+    "many_hosts": _on_asyncio(many_hosts.run),
+    "footprint": _on_asyncio(footprint.run),
+    "profile": _on_asyncio(profiling.run),
+    "fleet": _on_asyncio(fleet.run),
 }
-_NEEDS_UPSTREAM = {"throughput", "isolation", "many_hosts", "footprint", "profile", "fleet"}
+_NEEDS_UPSTREAM = {
+    "throughput",
+    "large_body",
+    "isolation",
+    "many_hosts",
+    "footprint",
+    "profile",
+    "fleet",
+}
 _NEEDS_MANY = {"many_hosts", "footprint", "profile"}
 
 
@@ -147,7 +184,7 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
-async def _run(settings: Settings, names: list[str]) -> None:
+def _run(settings: Settings, names: list[str]) -> None:
     upstream: Upstream | None = None
     try:
         if any(n in _NEEDS_UPSTREAM for n in names):
@@ -162,7 +199,7 @@ async def _run(settings: Settings, names: list[str]) -> None:
             _log(f"== {name}")
             meter = _CpuMeter(upstream)
             began = time.monotonic()
-            await SCENARIOS[name](settings, upstream, _log)
+            SCENARIOS[name](settings, upstream, _log)
             background = meter.result()
             _annotate(settings, name, background)
             _log(
@@ -199,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     settings.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    _log(f"scenarios: {', '.join(names)}; results in {settings.out}")
-    asyncio.run(_run(settings, names))
+    _log(f"scenarios: {', '.join(names)}; results in {settings.out}; hostpool {git_at_start()}")
+    _run(settings, names)
     report = write_report(settings, charts=not args.no_charts)
     _log(f"done in {time.monotonic() - began:.0f} s; report: {report}")
     _print_targets(settings, names)

@@ -5,9 +5,16 @@
 - ``aiohttp``: ``aiohttp.ClientSession`` over ``TCPConnector(limit=..., limit_per_host=...)``;
 - ``bare``: a bare asyncio keep-alive client (one ``asyncio.Protocol`` per
   connection, no limits, no parsing beyond ``Content-Length``): the most the
-  upstream can serve, to show it is not the bottleneck.
+  upstream can serve, to show it is not the bottleneck;
+- ``hostpool-h11`` (the throughput and large-body scenarios only): a
+  ``HostRouter`` with hostpool's own HTTP/1.1 connection turned off
+  (``hostpool._pool.FastHTTP11Connection = None`` while the client lives),
+  so its connections speak httpcore's h11 as before that fast path: the
+  "before" column, measured in the same run.
 
-Each ``get`` reads the whole body and returns the status code.
+Each ``get`` reads the whole body and returns the status code;
+``read_streamed`` reads a body in chunks as they come (``stream`` +
+``aiter_bytes``; aiohttp's ``iter_chunked``) and returns its length.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -30,10 +37,13 @@ __all__ = [
     "make_aiohttp",
     "make_bare",
     "make_hostpool",
+    "make_hostpool_h11",
     "make_httpx",
 ]
 
 _TIMEOUT = 60.0
+#: aiohttp's ``iter_chunked`` size; hostpool reads 64 KiB at a time too.
+CHUNK = 64 * 1024
 
 
 class Client(Protocol):
@@ -42,6 +52,10 @@ class Client(Protocol):
     name: str
 
     async def get(self, url: str) -> int: ...
+
+    async def read_streamed(self, url: str) -> int:
+        """GET ``url``, read the body chunk by chunk as it comes; return its length."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -89,6 +103,13 @@ class _HttpxClient:
         response = await self.client.get(url)
         return response.status_code
 
+    async def read_streamed(self, url: str) -> int:
+        size = 0
+        async with self.client.stream("GET", url) as response:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+        return size
+
     async def aclose(self) -> None:
         await self.client.aclose()
 
@@ -125,6 +146,48 @@ def make_hostpool(limits: Limits, **kwargs: Any) -> _HttpxClient:
     return _HttpxClient("hostpool", router)
 
 
+def _pool_module() -> Any:
+    from hostpool import _pool
+
+    return _pool
+
+
+def fast_path_switch_available() -> bool:
+    """Tell whether this hostpool has the fast HTTP/1.1 path to turn off (``hostpool-h11``)."""
+    return getattr(_pool_module(), "FastHTTP11Connection", None) is not None
+
+
+class _H11HostRouter(_HttpxClient):
+    """A HostRouter whose connections keep httpcore's h11 (the fast path off while it lives).
+
+    The switch is a module global read when a connection is created, so it
+    stays off from this client's creation to its ``aclose``; trials run one
+    at a time, so no other client sees it.
+    """
+
+    def __init__(self, limits: Limits, **kwargs: Any) -> None:
+        pool = _pool_module()
+        self._saved = pool.FastHTTP11Connection
+        pool.FastHTTP11Connection = None
+        try:
+            router = make_hostpool(limits, **kwargs).client
+        except BaseException:
+            pool.FastHTTP11Connection = self._saved
+            raise
+        super().__init__("hostpool-h11", router)
+
+    async def aclose(self) -> None:
+        try:
+            await self.client.aclose()
+        finally:
+            _pool_module().FastHTTP11Connection = self._saved
+
+
+def make_hostpool_h11(limits: Limits, **kwargs: Any) -> _HttpxClient:
+    """A ``HostRouter`` on httpcore's h11 connections: hostpool before its fast HTTP/1.1 path."""
+    return _H11HostRouter(limits, **kwargs)
+
+
 # -- aiohttp ---------------------------------------------------------------------------
 
 
@@ -157,6 +220,13 @@ class _AiohttpClient:
             await response.read()
             return response.status
 
+    async def read_streamed(self, url: str) -> int:
+        size = 0
+        async with self.session.get(url) as response:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                size += len(chunk)
+        return size
+
     async def aclose(self) -> None:
         await self.session.close()
 
@@ -174,17 +244,24 @@ def make_aiohttp(limits: Limits) -> _AiohttpClient:
 
 
 class _BareConnection(asyncio.Protocol):
-    """One keep-alive connection; one request at a time."""
+    """One keep-alive connection; one request at a time.
+
+    The head is parsed once complete; the body is counted as it arrives and
+    dropped (a 10 MiB body is never joined).
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.waiter: asyncio.Future[int] | None = None
         self.lost = False
+        self.status = 0
+        self.left = -1  # body bytes still to come; -1 while reading a head
+        self.length = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport is not a subclass of asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -193,6 +270,13 @@ class _BareConnection(asyncio.Protocol):
             waiter.set_exception(ConnectionError("connection lost"))
 
     def data_received(self, data: bytes) -> None:
+        if self.left >= 0:  # in a body
+            if len(data) < self.left:
+                self.left -= len(data)
+                return
+            self.buf = data[self.left :]
+            self._done()
+            return
         self.buf = self.buf + data if self.buf else data
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
@@ -203,13 +287,21 @@ class _BareConnection(asyncio.Protocol):
         if at >= 0:
             stop = head.find(b"\r\n", at + 2)
             length = int(head[at + 17 : stop if stop >= 0 else None])
-        if len(self.buf) < end + 4 + length:
+        self.status = int(head[9:12])
+        self.length = length
+        have = len(self.buf) - end - 4
+        if have < length:
+            self.left = length - have
+            self.buf = b""
             return
         self.buf = self.buf[end + 4 + length :]
-        status = int(head[9:12])
+        self._done()
+
+    def _done(self) -> None:
+        self.left = -1
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_result(status)
+            waiter.set_result(self.status)
 
     def send(self, request: bytes) -> asyncio.Future[int]:
         assert self.transport is not None
@@ -240,6 +332,14 @@ class _BareClient:
         return hit
 
     async def get(self, url: str) -> int:
+        status, _ = await self._exchange(url)
+        return status
+
+    async def read_streamed(self, url: str) -> int:
+        _, length = await self._exchange(url)
+        return length
+
+    async def _exchange(self, url: str) -> tuple[int, int]:
         origin, request = self._target(url)
         idle = self._idle.get(origin)
         conn = idle.pop() if idle else None
@@ -249,7 +349,7 @@ class _BareClient:
             self._all.append(conn)
         status = await conn.send(request)
         self._idle.setdefault(origin, []).append(conn)
-        return status
+        return status, conn.length
 
     def idle_sockets(self) -> int | None:
         return sum(len(v) for v in self._idle.values())

@@ -8,17 +8,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._common import Settings, read_results
+from ._common import DEFAULT_OUT, Settings, read_results
 
 __all__ = ["write_report"]
 
-_CLIENT_ORDER = ["bare", "aiohttp", "httpx", "hostpool"]
+_CLIENT_ORDER = ["bare", "aiohttp", "httpx", "hostpool", "hostpool-h11"]
 _CLIENT_LABEL = {
     "bare": "bare asyncio (ceiling)",
     "aiohttp": "aiohttp",
     "httpx": "httpx.AsyncClient",
     "hostpool": "hostpool.HostRouter",
+    "hostpool-h11": "HostRouter, fast path off (h11: before)",
 }
+_LOOP_ORDER = ["asyncio", "uvloop"]
 
 
 # -- formatting ----------------------------------------------------------------------
@@ -60,6 +62,19 @@ def _clients(names: Sequence[str]) -> list[str]:
     return [n for n in _CLIENT_ORDER if n in names]
 
 
+def _loops(data: dict[str, Any]) -> list[str]:
+    """The loops of a multi-loop result, default first (``asyncio`` alone for older files)."""
+    names = data.get("loop_names") or ["asyncio"]
+    return [n for n in _LOOP_ORDER if n in names] + [n for n in names if n not in _LOOP_ORDER]
+
+
+def _by_loop(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{loop: {"medians", "ratios"}}`` of a throughput result, old (one loop) or new."""
+    if "loops" in data:
+        return {loop: data["loops"][loop] for loop in _loops(data)}
+    return {"asyncio": {"medians": data["medians"], "ratios": data["ratios"]}}
+
+
 # -- charts ----------------------------------------------------------------------------
 
 
@@ -74,6 +89,7 @@ def _charts(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Path]:
     made: dict[str, Path] = {}
     painters: dict[str, Callable[[Any, dict[str, Any]], None]] = {
         "throughput": _chart_throughput,
+        "large_body": _chart_large_body,
         "isolation": _chart_isolation,
         "many_hosts": _chart_many_hosts,
         "scheduler": _chart_scheduler,
@@ -97,16 +113,47 @@ def _charts(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Path]:
 def _chart_throughput(ax: Any, data: dict[str, Any]) -> None:
     levels = sorted(data["medians"], key=int)
     xs = [int(c) for c in levels]
-    for name in _clients(next(iter(data["medians"].values()))):
-        ys = [data["medians"][c][name]["rps"] for c in levels]
-        ax.plot(xs, ys, marker="o", label=_CLIENT_LABEL[name])
+    styles = {"asyncio": "-", "uvloop": "--"}
+    by_loop = _by_loop(data)
+    colours: dict[str, Any] = {}
+    for loop, loop_data in by_loop.items():
+        medians = loop_data["medians"]
+        for name in _clients(next(iter(medians.values()))):
+            ys = [medians[c][name]["rps"] for c in levels]
+            (line,) = ax.plot(
+                xs,
+                ys,
+                marker="o",
+                linestyle=styles.get(loop, ":"),
+                color=colours.get(name),
+                label=None if name in colours else _CLIENT_LABEL[name],
+            )
+            colours[name] = line.get_color()
+    if len(by_loop) > 1:
+        for loop in by_loop:
+            ax.plot([], [], color="black", linestyle=styles.get(loop, ":"), label=loop)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("concurrency (one host)")
     ax.set_ylabel("requests/s (median)")
-    ax.set_title("Throughput vs concurrency")
+    ax.set_title("Throughput vs concurrency (solid: asyncio, dashed: uvloop)")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def _chart_large_body(ax: Any, data: dict[str, Any]) -> None:
+    loops = _loops(data)
+    names = _clients(data["clients"])
+    width = 0.8 / max(len(loops), 1)
+    for i, loop in enumerate(loops):
+        ys = [data["medians"][loop][n]["mb_per_s"] for n in names]
+        xs = [j + (i - (len(loops) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, ys, width, label=loop)
+    ax.set_xticks(range(len(names)), [n for n in names], fontsize=8)
+    ax.set_ylabel("MB/s (median)")
+    ax.set_title(f"{data['body_bytes'] / 2**20:g} MiB body, streamed")
+    ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
 
 
@@ -198,6 +245,15 @@ def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
         ("throughput", "hostpool_vs_httpx_at_50"): "2 · hostpool / httpx req/s at c=50",
         ("throughput", "hostpool_flat"): "2 · hostpool flat from c=1 to c=200",
         ("throughput", "upstream_not_bottleneck"): "2 · upstream is not the bottleneck",
+        ("throughput", "hostpool_vs_aiohttp_at_50"): "fast path · hostpool / aiohttp req/s, c=50",
+        ("throughput", "hostpool_vs_aiohttp_at_1"): "fast path · hostpool / aiohttp req/s, c=1",
+        ("throughput", "hostpool_vs_aiohttp_at_200"): "fast path · hostpool / aiohttp req/s, c=200",
+        ("throughput", "hostpool_cpu_vs_aiohttp_at_50"): "fast path · client CPU per request "
+        "/ aiohttp's, c=50",
+        ("large_body", "hostpool_vs_aiohttp_mb_per_s"): "fast path · 10 MiB streamed, "
+        "hostpool / aiohttp MB/s",
+        ("large_body", "hostpool_read_peak"): "fast path · hostpool heap peak while "
+        "streaming 10 MiB",
         ("many_hosts", "hostpool_cost_flat"): "3 · hostpool cost flat, 1 → 1,000 partitions",
         ("scheduler", "max_cost"): "4 · scheduler admit + release cost",
         ("scheduler", "independent_of_counts"): "4 · independent of partitions and waiters",
@@ -223,9 +279,13 @@ def _targets_table(results: dict[str, dict[str, Any]]) -> list[str]:
 def _target_value(key: str, value: Any) -> str:
     if key.startswith("fleet_") and isinstance(value, dict):
         return ", ".join(f"{k}: {v:.2f} per request" for k, v in value.items())
+    if key == "hostpool_read_peak" and isinstance(value, dict):
+        return ", ".join(f"{k} {v / 2**10:,.0f} KiB" for k, v in value.items())
     if isinstance(value, dict):
         if all(isinstance(v, bool) for v in value.values()):
-            return ", ".join(f"c={k}: {'yes' if v else 'no'}" for k, v in value.items())
+            return ", ".join(
+                f"{k if '=' in k else 'c=' + k}: {'yes' if v else 'no'}" for k, v in value.items()
+            )
         return ", ".join(f"{k} {v:.2f}x" for k, v in value.items())
     if key in ("hostpool_flat", "hostpool_cost_flat"):
         return f"max/min = {1 + value:.2f}"
@@ -266,6 +326,19 @@ def _machine(results: dict[str, dict[str, Any]]) -> list[str]:
     git = m.get("git")
     if git:
         lines.append(f"- hostpool tree: {git}")
+    changed = sorted(
+        {
+            str(d["machine"]["git_at_write"])
+            for d in results.values()
+            if d["machine"].get("git_at_write")
+        }
+    )
+    if changed:
+        lines.append(
+            "- hostpool/ changed while the run went on (later: "
+            + ", ".join(changed)
+            + "); every scenario measured the code imported when the run began, the tree above"
+        )
     loads: dict[str, dict[str, Any]] = {
         name: data["background"] for name, data in results.items() if data.get("background")
     }
@@ -331,32 +404,61 @@ def _section_isolation(data: dict[str, Any], lines: list[str]) -> None:
     lines += [", ".join(f"{k}: {_ratio(v)}" for k, v in data["ratios"].items()), ""]
 
 
+def _loop_header(c: str, loop: str, loops: Sequence[str]) -> str:
+    return f"c={c} {loop}" if len(loops) > 1 else f"c={c}"
+
+
 def _section_throughput(data: dict[str, Any], lines: list[str]) -> None:
     s = data["settings"]
+    by_loop = _by_loop(data)
+    loops = list(by_loop)
     levels = sorted(data["medians"], key=int)
     names = _clients(next(iter(data["medians"].values())))
+    cols = [(c, loop) for c in levels for loop in loops]
+    uv = (data.get("machine", {}).get("versions") or {}).get("uvloop")
+    loop_text = (
+        f" Every client ran on asyncio's default event loop and on uvloop {uv or ''}: each "
+        "trial in an event loop of its own, all (loop, client) pairs interleaved, ratios "
+        "paired within a loop."
+        if len(loops) > 1
+        else ""
+    )
     lines += [
         "## 2. Throughput vs concurrency",
         "",
         f"One host, {s['trial_seconds']} s per trial with a fresh client, "
         f"{s['repeats']} interleaved repeats, medians. Limits for every client: "
         f"{data['limits']['total']} sockets ({data['limits']['per_host']} per host). "
-        "The bare asyncio client has no limit (one connection per worker).",
+        "The bare asyncio client has no limit (one connection per worker)." + loop_text,
         "",
         "requests/s:",
         "",
     ]
-    header = ["client", *[f"c={c}" for c in levels]]
-    rows = [
-        [_CLIENT_LABEL[n], *[_num(data["medians"][c][n]["rps"]) for c in levels]] for n in names
+    header = ["client", *[_loop_header(c, loop, loops) for c, loop in cols]]
+
+    def cell(loop: str, c: str, name: str, key: str, digits: int) -> str:
+        return _num(by_loop[loop]["medians"][c].get(name, {}).get(key), digits)
+
+    rows = [[_CLIENT_LABEL[n], *[cell(loop, c, n, "rps", 0) for c, loop in cols]] for n in names]
+    ratio_names: list[str] = []
+    for loop_data in by_loop.values():
+        for by_c in loop_data["ratios"].values():
+            ratio_names += [r for r in by_c if r not in ratio_names]
+    rows += [
+        [f"*{r}*", *[_ratio(by_loop[loop]["ratios"][c].get(r)) for c, loop in cols]]
+        for r in ratio_names
+        if not r.startswith("cpu ")
     ]
-    ratio_names = list(next(iter(data["ratios"].values())))
-    rows += [[f"*{r}*", *[_ratio(data["ratios"][c][r]) for c in levels]] for r in ratio_names]
     lines += _table(header, rows)
     lines += ["client CPU per request, µs (the upstream runs in its own process):", ""]
     rows = [
-        [_CLIENT_LABEL[n], *[_num(data["medians"][c][n]["cpu_us_per_request"], 1) for c in levels]]
+        [_CLIENT_LABEL[n], *[cell(loop, c, n, "cpu_us_per_request", 1) for c, loop in cols]]
         for n in names
+    ]
+    rows += [
+        [f"*{r}*", *[_ratio(by_loop[loop]["ratios"][c].get(r)) for c, loop in cols]]
+        for r in ratio_names
+        if r.startswith("cpu ")
     ]
     lines += _table(header, rows)
     lines += [
@@ -365,10 +467,439 @@ def _section_throughput(data: dict[str, Any], lines: list[str]) -> None:
         "",
     ]
     rows = [
-        [_CLIENT_LABEL[n], *[_pct(data["medians"][c][n]["upstream_cpu_util"]) for c in levels]]
+        [
+            _CLIENT_LABEL[n],
+            *[
+                _pct(by_loop[loop]["medians"][c].get(n, {}).get("upstream_cpu_util"))
+                for c, loop in cols
+            ],
+        ]
         for n in names
     ]
     lines += _table(header, rows)
+
+
+def _section_large_body(data: dict[str, Any], lines: list[str]) -> None:
+    s = data["settings"]
+    loops = _loops(data)
+    names = _clients(data["clients"])
+    size = data["body_bytes"]
+    lines += [
+        f"## Large body ({size / 2**20:g} MiB, streamed)",
+        "",
+        f"`{data['url']}`: one {size / 2**20:g} MiB body per request on one keep-alive "
+        "connection, read chunk by chunk as it comes and dropped: httpx and hostpool through "
+        '`client.stream("GET", url)` + `aiter_bytes()`, aiohttp through '
+        f"`resp.content.iter_chunked({data['chunk_bytes'] // 1024} KiB)`, the bare client by "
+        f"counting what its protocol receives. {s['large_trial_seconds']} s of reads per "
+        f"trial after one warm-up read, fresh client and event loop per trial, "
+        f"{s['repeats']} interleaved repeats, medians; MB = 10^6 bytes. *Heap peak*: "
+        "tracemalloc's peak during one more read (after a warm-up read, in a separate "
+        "traced run), above what was allocated before it: what a client holds at once "
+        "while streaming (a client that buffered the body would show its whole size).",
+        "",
+    ]
+    header = [
+        "client",
+        *[f"MB/s {loop}" for loop in loops],
+        *[f"CPU ms / read {loop}" for loop in loops],
+        *[f"upstream CPU {loop}" for loop in loops],
+        *[f"heap peak {loop}" for loop in loops],
+    ]
+    rows = []
+    for n in names:
+        rows.append(
+            [
+                _CLIENT_LABEL[n],
+                *[_num(data["medians"][loop][n]["mb_per_s"]) for loop in loops],
+                *[_num(data["medians"][loop][n]["cpu_ms_per_read"], 1) for loop in loops],
+                *[_pct(data["medians"][loop][n].get("upstream_cpu_util")) for loop in loops],
+                *[_num(data["memory"][loop][n]["peak_bytes"] / 2**10, 0, " KiB") for loop in loops],
+            ]
+        )
+    ratios = _large_ratios(data)
+    ratio_names: list[str] = []
+    for by_r in ratios.values():
+        ratio_names += [r for r in by_r if r not in ratio_names]
+    for r in ratio_names:
+        cells = [_ratio(ratios[loop].get(r)) for loop in loops]
+        blank = [""] * len(loops)
+        if r.startswith("cpu "):
+            rows.append([f"*{r}*", *blank, *cells, *blank, *blank])
+        else:
+            rows.append([f"*{r}*", *cells, *blank, *blank, *blank])
+    lines += _table(header, rows)
+    bound = _upstream_bound(data)
+    if bound:
+        lines += [
+            "The upstream (one process, one core) used 80% of a core or more while serving "
+            + ", ".join(bound)
+            + ": there the MB/s are bounded by the upstream as much as by the client; the "
+            "client CPU per read (and *cpu hostpool/aiohttp*) is the client's own cost.",
+            "",
+        ]
+
+
+def _large_ratios(data: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The large-body ratios, with the CPU-per-read ratio computed from the samples
+    when the result file predates it."""
+    from .large_body import cpu_ratios
+
+    out: dict[str, dict[str, float]] = {}
+    for loop, by_r in data["ratios"].items():
+        out[loop] = dict(by_r)
+        if "cpu hostpool/aiohttp" not in by_r:
+            out[loop].update(cpu_ratios(data["samples"][loop]))
+    return out
+
+
+def _upstream_bound(data: dict[str, Any]) -> list[str]:
+    """Clients (per loop) during whose large-body reads the upstream used >= 80% of a core."""
+    return [
+        f"{name} ({loop}, {_pct(m.get('upstream_cpu_util'))})"
+        for loop in _loops(data)
+        for name, m in data["medians"][loop].items()
+        if (m.get("upstream_cpu_util") or 0) >= 0.8
+    ]
+
+
+def _large_cpu_note(lb: dict[str, Any]) -> str:
+    cpu = _large_ratios(lb)
+    text = "; ".join(
+        f"{loop} {_ratio(cpu[loop]['cpu hostpool/aiohttp'])}"
+        for loop in _loops(lb)
+        if cpu[loop].get("cpu hostpool/aiohttp")
+    )
+    if not text:
+        return ""
+    bound = [b for b in _upstream_bound(lb) if b.startswith(("aiohttp", "hostpool ", "bare"))]
+    return (
+        f" hostpool's client CPU per read over aiohttp's: {text}"
+        + (
+            " (the upstream used 80% of its core or more for "
+            + ", ".join(bound)
+            + ": the MB/s ratio is partly the upstream's, the CPU ratio is the clients' own)"
+            if bound
+            else ""
+        )
+        + "."
+    )
+
+
+def _before_data(settings: Settings) -> dict[str, Any] | None:
+    """The throughput result recorded before the fast path (``<out>/before/throughput.json``)."""
+    import json
+
+    for folder in (settings.out / "before", DEFAULT_OUT / "before"):
+        path = folder / "throughput.json"
+        if path.exists():
+            try:
+                data: dict[str, Any] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+            return data
+    return None
+
+
+def _profile_buckets(profile: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    return profile.get("buckets", []), profile.get("breakdown", {})
+
+
+def _section_fast_path(
+    results: dict[str, dict[str, Any]],
+    lines: list[str],
+    before: dict[str, Any] | None,
+    link: Callable[[str], str],
+) -> None:
+    """The issue's targets for the fast HTTP/1.1 path: verdict, before/after, breakdown, floor."""
+    tp = results.get("throughput")
+    if tp is None or "loops" not in tp:
+        return
+    by_loop = _by_loop(tp)
+    loops = list(by_loop)
+    lines += [
+        "## Fast HTTP/1.1 path: the issue's targets",
+        "",
+        "hostpool's own HTTP/1.1 connection (`hostpool/_http11.py`, llhttp through httptools) "
+        "against aiohttp, through the unchanged httpx API. Figures from this run's "
+        "*Throughput*, *Large body* and *Profile* scenarios: req/s and MB/s are medians "
+        "over repeats, each ratio the median of the per-repeat ratios (trials of the same "
+        "repeat and loop paired), so a ratio need not equal the quotient of the medians.",
+        "",
+    ]
+    verdict: list[str] = []
+    tt = tp.get("targets", {})
+    for c in ("50", "1", "200"):
+        t = tt.get(f"hostpool_vs_aiohttp_at_{c}")
+        if t is None:
+            continue
+        figures = "; ".join(
+            f"{loop}: {_num(by_loop[loop]['medians'][c]['hostpool']['rps'])} vs "
+            f"{_num(by_loop[loop]['medians'][c]['aiohttp']['rps'])} req/s = "
+            f"{_ratio(t['value'][loop])}"
+            for loop in loops
+        )
+        verdict.append(
+            f"- {_met(t['met'])}: hostpool / aiohttp req/s at c={c}, wanted {t['target']} — "
+            f"{figures}."
+        )
+    t = tt.get("hostpool_cpu_vs_aiohttp_at_50")
+    if t is not None:
+        figures = "; ".join(
+            f"{loop}: {_num(by_loop[loop]['medians']['50']['hostpool']['cpu_us_per_request'], 1)}"
+            f" vs {_num(by_loop[loop]['medians']['50']['aiohttp']['cpu_us_per_request'], 1)} µs"
+            f" = {_ratio(t['value'][loop])}"
+            for loop in loops
+        )
+        verdict.append(
+            f"- {_met(t['met'])}: client CPU per request at c=50, wanted {t['target']} — {figures}."
+        )
+    lb = results.get("large_body")
+    if lb is not None:
+        lt = lb.get("targets", {})
+        t = lt.get("hostpool_vs_aiohttp_mb_per_s")
+        if t is not None:
+            figures = "; ".join(
+                f"{loop}: {_num(lb['medians'][loop]['hostpool']['mb_per_s'])} vs "
+                f"{_num(lb['medians'][loop]['aiohttp']['mb_per_s'])} MB/s = "
+                f"{_ratio(t['value'][loop])}"
+                for loop in _loops(lb)
+            )
+            verdict.append(
+                f"- {_met(t['met'])}: {lb['body_bytes'] / 2**20:g} MiB streamed, hostpool / "
+                f"aiohttp MB/s, wanted {t['target']} — {figures}." + _large_cpu_note(lb)
+            )
+        t = lt.get("hostpool_read_peak")
+        if t is not None:
+            verdict.append(
+                f"- {_met(t['met'])}: memory bounded by the read buffer, wanted {t['target']} — "
+                + _target_value("hostpool_read_peak", t["value"])
+                + " (aiohttp: "
+                + ", ".join(
+                    f"{loop} {lb['memory'][loop]['aiohttp']['peak_bytes'] / 2**10:,.0f} KiB"
+                    for loop in _loops(lb)
+                    if "aiohttp" in lb["memory"][loop]
+                )
+                + ")."
+            )
+    lines += [*verdict, ""]
+
+    # Before / after.
+    if any("hostpool-h11" in m for m in by_loop[loops[0]]["medians"].values()):
+        lines += [
+            "Before / after, measured in this run: *before* is `hostpool-h11`, a HostRouter "
+            "with the fast path turned off (`hostpool._pool.FastHTTP11Connection = None` "
+            "while it lives: httpcore's h11 connection, as before the fast path; the rest "
+            "of the tree as now), interleaved with the others.",
+            "",
+        ]
+        recorded = None
+        if before is not None:
+            bm = before.get("machine", {})
+            recorded = (
+                f"hostpool / aiohttp recorded before (tree {bm.get('git')}, {bm.get('cpu_model')}, "
+                f"{bm.get('date', '')[:10]})"
+            )
+        header = [
+            "",
+            "aiohttp req/s",
+            "before req/s",
+            "after req/s",
+            "after / before",
+            "before / aiohttp",
+            "after / aiohttp",
+        ]
+        if recorded:
+            header.append(recorded)
+        rows = []
+        for loop in loops:
+            med = by_loop[loop]["medians"]
+            rat = by_loop[loop]["ratios"]
+            for c in sorted(med, key=int):
+                row = [
+                    f"c={c} {loop}",
+                    _num(med[c].get("aiohttp", {}).get("rps")),
+                    _num(med[c].get("hostpool-h11", {}).get("rps")),
+                    _num(med[c]["hostpool"]["rps"]),
+                    _ratio(rat[c].get("hostpool/hostpool-h11")),
+                    _ratio(rat[c].get("hostpool-h11/aiohttp")),
+                    _ratio(rat[c].get("hostpool/aiohttp")),
+                ]
+                if recorded:
+                    old = (
+                        before.get("ratios", {}).get(c, {}) if before and loop == "asyncio" else {}
+                    )
+                    row.append(_ratio(old.get("hostpool/aiohttp")) if old else "")
+                rows.append(row)
+        lines += _table(header, rows)
+        if recorded:
+            lines += [
+                "The last column comes from `results/before/throughput.json`, the throughput "
+                "run of the results committed before the fast path (asyncio only, on "
+                "another machine: compare its ratios, not its req/s).",
+                "",
+            ]
+        if lb is not None and "hostpool-h11" in lb["clients"]:
+            lines += [
+                "Large body, before / after: "
+                + "; ".join(
+                    f"{loop}: {_num(lb['medians'][loop]['hostpool-h11']['mb_per_s'])} → "
+                    f"{_num(lb['medians'][loop]['hostpool']['mb_per_s'])} MB/s "
+                    f"({_ratio(lb['ratios'][loop].get('hostpool/hostpool-h11'))})"
+                    for loop in _loops(lb)
+                )
+                + ".",
+                "",
+            ]
+
+    prof = results.get("profile")
+    if prof is not None and prof.get("breakdown"):
+        _breakdown(prof, results, tp, lines, link)
+
+
+def _breakdown(
+    prof: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    tp: dict[str, Any],
+    lines: list[str],
+    link: Callable[[str], str],
+) -> None:
+    buckets, bd = _profile_buckets(prof)
+    hp = bd.get("hostpool")
+    aio = bd.get("aiohttp")
+    if hp is None:
+        return
+    files = prof.get("bucket_files", {})
+    lines += [
+        f"Where a request's CPU goes at c={prof['concurrency']} on asyncio (cProfile over "
+        f"{prof['requests']:,} requests per client; every function's own time in one bucket "
+        "by its file; C builtins and other standard-library helpers go to their callers' "
+        "buckets; see `profiling.py`). *profiled* is µs/request under cProfile, which "
+        "slows Python calls more than C; *≈ real* scales each bucket's share to the client "
+        "CPU per request measured without the profiler in the same scenario "
+        f"(interleaved runs: hostpool {_num(hp.get('real_cpu_us_per_request'), 1)} µs, "
+        f"aiohttp {_num(aio.get('real_cpu_us_per_request') if aio else None, 1)} µs). "
+        "The largest functions of each bucket close "
+        + " and ".join(
+            f"[{f}]({link(f)})"
+            for key, f in prof.get("files", {}).items()
+            if key in ("hostrouter_cprofile", "aiohttp_cprofile")
+        )
+        + ".",
+        "",
+    ]
+    header = ["bucket", "what", "hostpool profiled", "share", "≈ real µs/req"]
+    if aio:
+        header += ["aiohttp profiled", "share", "≈ real µs/req"]
+    rows = []
+    for b in buckets:
+        hp_us = hp["profiled_us_per_request"].get(b, 0.0)
+        aio_us = aio["profiled_us_per_request"].get(b, 0.0) if aio else 0.0
+        if hp_us < 0.05 and aio_us < 0.05:
+            continue
+        row = [
+            b,
+            files.get(b, ""),
+            _num(hp_us, 1),
+            _pct(hp["share"].get(b)),
+            _num(hp["us_per_request"].get(b), 1),
+        ]
+        if aio:
+            row += [
+                _num(aio_us, 1),
+                _pct(aio["share"].get(b)),
+                _num(aio["us_per_request"].get(b), 1),
+            ]
+        rows.append(row)
+    total = [
+        "**total**",
+        "",
+        _num(hp["profiled_total_us_per_request"], 1),
+        "100%",
+        _num(hp.get("real_cpu_us_per_request"), 1),
+    ]
+    if aio:
+        total += [
+            _num(aio["profiled_total_us_per_request"], 1),
+            "100%",
+            _num(aio.get("real_cpu_us_per_request"), 1),
+        ]
+    rows.append(total)
+    lines += _table(header, rows)
+    lines += _floor(prof, results, tp)
+
+
+def _floor(
+    prof: dict[str, Any], results: dict[str, dict[str, Any]], tp: dict[str, Any]
+) -> list[str]:
+    """What stops hostpool at c=50 short of 0.5x aiohttp, from this run's own figures."""
+    from .profiling import ADMISSION, DRIVER, HTTP11, HTTPX, LOOP, OTHER
+
+    bd = prof["breakdown"]
+    hp, aio = bd.get("hostpool"), bd.get("aiohttp")
+    if hp is None or aio is None:
+        return []
+    h = hp.get("real_cpu_us_per_request")
+    a = aio.get("real_cpu_us_per_request")
+    if not h or not a:
+        return []
+    est = hp["us_per_request"]
+    x, loop, adm, p11 = est[HTTPX], est[LOOP], est[ADMISSION], est[HTTP11]
+    rest = est.get(DRIVER, 0.0) + est.get(OTHER, 0.0)
+    aio_loop = aio["us_per_request"].get(LOOP, 0.0)
+    budget = 2 * a
+    floor = x + loop + rest
+    t50 = tp.get("targets", {}).get("hostpool_vs_aiohttp_at_50")
+    met = bool(t50 and t50["met"])
+    util = tp["medians"].get("50", {})
+    cpu_use = ", ".join(
+        f"{name} {_pct(util[name].get('client_cpu_util'))}"
+        for name in ("hostpool", "aiohttp")
+        if name in util and util[name].get("client_cpu_util") is not None
+    )
+    out = [
+        f"At c=50 the client process is the bottleneck (client CPU use on asyncio: "
+        f"{cpu_use or 'n/a'} of a core; the upstream has CPU to spare, *Throughput*), so "
+        "req/s goes as 1 / (CPU per request): 0.5x aiohttp's req/s means hostpool's CPU per "
+        f"request at most 2 x aiohttp's = {_num(budget, 1)} µs here (aiohttp: {_num(a, 1)} µs). "
+        f"hostpool's is {_num(h, 1)} µs ({_ratio(h / a)}).",
+    ]
+    if met:
+        out.append("The target is met.")
+        return [" ".join(out), ""]
+    parts = [
+        f"Of those {_num(h, 1)} µs, httpx's client layer is ≈ {_num(x, 1)} µs"
+        + (
+            f", more than aiohttp's whole request ({_num(a, 1)} µs)"
+            if x > a
+            else f" ({_ratio(x / a)} of aiohttp's whole request)"
+        ),
+        f"the event loop ≈ {_num(loop, 1)} µs (aiohttp's requests cost it "
+        f"≈ {_num(aio_loop, 1)} µs)",
+        f"hostpool's admission ≈ {_num(adm, 1)} µs and its HTTP/1.1 connection, pool and "
+        f"stream ≈ {_num(p11, 1)} µs",
+    ]
+    out.append("; ".join(parts) + ".")
+    overhead = results.get("overhead", {}).get("medians_us", {}).get("httpx")
+    if overhead:
+        out.append(
+            f"(httpx.AsyncClient alone over a canned MockTransport — no socket, no pool, "
+            f"no event-loop I/O, one request at a time — costs {_num(overhead, 1)} µs per "
+            "request: *Layer costs*.)"
+        )
+    out.append(
+        f"httpx's client layer and the event loop alone (plus {_num(rest, 1)} µs of the "
+        f"benchmark's own workers) come to {_num(floor, 1)} µs"
+        + (
+            f", already over the {_num(budget, 1)} µs budget"
+            if floor > budget
+            else f", leaving {_num(budget - floor, 1)} µs of the {_num(budget, 1)} µs budget "
+            f"for hostpool's own layers, which take {_num(adm + p11, 1)} µs now"
+        )
+        + f": with hostpool's own layers at zero, hostpool would reach at most "
+        f"≈ {_ratio(a / floor)} of aiohttp's req/s at c=50 through the httpx API on asyncio."
+    )
+    return [" ".join(out), ""]
 
 
 def _section_many(data: dict[str, Any], lines: list[str]) -> None:
@@ -883,9 +1414,16 @@ def write_report(settings: Settings, charts: bool = True) -> Path:
     lines += _machine(results)
     lines += ["## Targets", ""]
     lines += _targets_table(results)
+    _section_fast_path(
+        results,
+        lines,
+        _before_data(settings),
+        lambda f: os.path.relpath(settings.out / f, report.parent),
+    )
     sections: list[tuple[str, Callable[[dict[str, Any], list[str]], None]]] = [
         ("isolation", _section_isolation),
         ("throughput", _section_throughput),
+        ("large_body", _section_large_body),
         ("many_hosts", _section_many),
         ("scheduler", _section_scheduler),
         ("footprint", _section_footprint),

@@ -11,9 +11,12 @@ Every address must be a loopback address: the benchmarks never reach out.
 Routes (the request target, the method is ignored):
 
 - ``/delay?ms=500``: answer after ``ms`` milliseconds;
+- ``/bytes?n=10485760``: answer at once with a body of ``n`` bytes (``x``),
+  written in 256 KiB slices as the socket drains (the transport's flow
+  control), so the upstream never copies the whole body;
 - anything else: answer at once.
 
-Every answer is ``200`` with the two-byte body ``ok``. Keep-alive follows
+Every other answer is ``200`` with the two-byte body ``ok``. Keep-alive follows
 HTTP/1.1 (``Connection: close`` closes after the answer). Request bodies with
 ``Content-Length`` are skipped; clients here only send ``GET``.
 
@@ -44,6 +47,9 @@ _OK_CLOSE = (
     b"Connection: close\r\n\r\nok"
 )
 _MAX_HEAD = 64 * 1024
+_MAX_BODY = 1 << 30  # /bytes?n= is capped at 1 GiB
+_SLICE = 256 * 1024  # a large body is written this much at a time
+_BODIES: dict[int, bytes] = {}  # n -> n bytes of b"x", built once per size
 _BACKLOG = 4096
 _START_TIMEOUT = 60.0
 
@@ -68,13 +74,16 @@ def raise_fd_limit() -> int:
 class _HTTPProtocol(asyncio.Protocol):
     """One keep-alive connection: parse request heads, answer in order."""
 
-    __slots__ = ("_buf", "_busy", "_loop", "_transport")
+    __slots__ = ("_body", "_buf", "_busy", "_close_after", "_loop", "_paused", "_transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._buf = b""
         self._busy = False  # a delayed answer is pending; later requests wait
         self._transport: asyncio.Transport | None = None
+        self._body: memoryview | None = None  # what is left of a large body
+        self._close_after = False
+        self._paused = False  # the transport's write buffer is full
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -82,6 +91,15 @@ class _HTTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._body = None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._body is not None:
+            self._write_body()
 
     def data_received(self, data: bytes) -> None:
         self._buf = self._buf + data if self._buf else data
@@ -113,6 +131,10 @@ class _HTTPProtocol(asyncio.Protocol):
                 self._busy = True
                 self._loop.call_later(_delay_ms(target) / 1000.0, self._answer_late, close)
                 return
+            if target.startswith(b"/bytes"):
+                self._busy = True
+                self._start_body(_body_size(target), close)
+                return
             self._answer(close)
             transport = self._transport
 
@@ -133,17 +155,58 @@ class _HTTPProtocol(asyncio.Protocol):
         if self._buf:
             self._process()
 
+    def _start_body(self, size: int, close: bool) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        body = _BODIES.get(size)
+        if body is None:
+            body = _BODIES[size] = b"x" * size
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n%s\r\n" % (size, b"Connection: close\r\n" if close else b"")
+        )
+        transport.write(head)
+        self._body = memoryview(body)
+        self._close_after = close
+        self._write_body()
 
-def _delay_ms(target: bytes) -> float:
+    def _write_body(self) -> None:
+        """Write slices of the body while the transport takes them; the rest on resume."""
+        transport = self._transport
+        body = self._body
+        while body is not None and transport is not None and not self._paused:
+            if not body:
+                self._body = None
+                self._busy = False
+                if self._close_after:
+                    transport.close()
+                    self._transport = None
+                elif self._buf:
+                    self._process()
+                return
+            transport.write(body[:_SLICE])
+            body = self._body = body[_SLICE:]
+
+
+def _query_number(target: bytes, key: bytes) -> float:
     query = target.partition(b"?")[2]
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")
-        if name == b"ms":
+        if name == key:
             try:
                 return max(0.0, float(value))
             except ValueError:
                 return 0.0
     return 0.0
+
+
+def _delay_ms(target: bytes) -> float:
+    return _query_number(target, b"ms")
+
+
+def _body_size(target: bytes) -> int:
+    return min(int(_query_number(target, b"n")), _MAX_BODY)
 
 
 def _check_loopback(host: str) -> None:
