@@ -37,7 +37,6 @@ import contextlib
 import gc
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -50,6 +49,7 @@ import httpx
 
 import hostpool
 from hostpool._fleet import FleetAnswer
+from hostpool.demo.fleet import RedisProcess
 from hostpool.redis import RedisFleet
 
 from . import clients
@@ -79,8 +79,6 @@ REDIS_TIMEOUT = 1.0
 WIDE_POOL = 64
 
 _GUARD = 120.0
-_START_TIMEOUT = 5.0
-_STOP_TIMEOUT = 10.0
 #: Commands the client sends (one round trip each, or one per pipeline);
 #: every other command in ``commandstats`` ran inside a script.
 _ACQUIRE_COMMANDS = ("evalsha", "eval")
@@ -98,13 +96,6 @@ def redis_server_binary() -> tuple[str | None, str]:
     if configured:
         return shutil.which(configured), f"HOSTPOOL_REDIS_SERVER={configured!r} is not executable"
     return shutil.which("redis-server"), SKIPPED
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _encode(args: Sequence[str]) -> bytes:
@@ -139,10 +130,9 @@ class RedisServer:
     """A redis-server child process on loopback, and one connection to measure it with."""
 
     def __init__(self, binary: str, directory: Path) -> None:
-        self.binary = binary
-        self.directory = directory
+        # Started and stopped as the fleet demo does it (hostpool.demo.fleet).
+        self._redis = RedisProcess(binary, directory)
         self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._reader: IO[bytes] | None = None
 
@@ -152,46 +142,18 @@ class RedisServer:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+        process = self._redis.process
+        return None if process is None else process.pid
 
     def start(self) -> None:
-        """Start on a free port (trying a few: another may bind it first); wait for PING."""
-        failure = ""
-        for _ in range(5):
-            port = _free_port()
-            log_path = self.directory / f"redis-{port}.log"
-            argv = [
-                self.binary,
-                "--port",
-                str(port),
-                "--bind",
-                HOST,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ]
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-                )
-            self._proc = proc
-            deadline = time.monotonic() + _START_TIMEOUT
-            while proc.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(OSError):
-                    self._connect(port)
-                    self.port = port
-                    return
-                time.sleep(0.01)
-            self.stop()
-            failure = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"redis-server did not start:\n{failure}")
+        """Start on a free port and wait for PING; open the measuring connection."""
+        self._redis.start()
+        self.port = self._redis.port
+        try:
+            self._connect(self.port)
+        except BaseException:
+            self._redis.stop()
+            raise
 
     def _connect(self, port: int) -> None:
         sock = socket.create_connection((HOST, port), timeout=10.0)
@@ -243,15 +205,7 @@ class RedisServer:
         if self._sock is not None:
             self._sock.close()
         self._sock = self._reader = None
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self._redis.stop()
 
 
 def redis_delta(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict[str, Any]:
