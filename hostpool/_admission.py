@@ -20,12 +20,12 @@ from typing import Any
 
 import anyio
 import httpx
-import sniffio
 
 from ._errors import PendingLimitExceeded, PoolTimeout, RouterClosed
 from ._fleet import Fleet
 from ._ledger import SocketLedger
 from ._limits import Bucket, parse_retry_after
+from ._loops import current_loop
 from ._pool import PartitionPool, close_connections
 from ._quota import Partitioner, QuotaEntry, QuotaTable
 from ._scheduler import Lane, Scheduler, Status, Ticket
@@ -144,18 +144,6 @@ class _Totals:
     counts: RequestCounts = field(default_factory=RequestCounts)
     created: int = 0
     dropped: int = 0
-
-
-def _current_loop() -> object:
-    """Return an object that identifies the running event loop."""
-    library = sniffio.current_async_library()
-    if library == "asyncio":
-        return asyncio.get_running_loop()
-    if library == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token()
-    return library  # pragma: no cover - other anyio backends
 
 
 class _Waiting:
@@ -599,7 +587,7 @@ class Admission:
         totals.counts.add(partition.counts)
 
     def _check_loop(self) -> None:
-        loop = _current_loop()
+        loop = current_loop()
         waiting = self._waiting
         if waiting is not None and loop is waiting.loop:
             return

@@ -52,6 +52,7 @@ import anyio
 import sniffio
 
 from ._errors import FleetUnavailable, PoolTimeout
+from ._loops import current_loop
 from ._quota import FleetQuota
 
 if TYPE_CHECKING:
@@ -476,11 +477,11 @@ class _Keeper:
         self._done = anyio.Event()
         self._scope: anyio.CancelScope | None = None
         self._stopping = False
-        self._loop = _loop_token()
+        self._loop = current_loop()
         self._spawn(self._run)
 
     def alive(self) -> bool:
-        return not self._done.is_set() and self._loop is _loop_token()
+        return not self._done.is_set() and self._loop is current_loop()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -518,7 +519,7 @@ class _Keeper:
             self._done.set()
 
     async def stop(self) -> None:
-        if self._loop is not _loop_token():
+        if self._loop is not current_loop():
             return  # a keeper of a loop that is gone
         self._stopping = True
         self._wakeup.set()
@@ -528,11 +529,3 @@ class _Keeper:
 
 
 _TASKS: set[asyncio.Task[None]] = set()
-
-
-def _loop_token() -> object:
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token()
-    return asyncio.get_running_loop()

@@ -24,7 +24,6 @@ Two invariants, kept by :meth:`RespClient._round_trip`:
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -37,7 +36,8 @@ from typing import Final, TypeAlias
 
 import anyio
 import anyio.abc
-import sniffio
+
+from .._loops import current_loop
 
 __all__ = [
     "RedisAddress",
@@ -438,18 +438,6 @@ class _Reader:
 # --------------------------------------------------------------------------
 
 
-def _current_loop() -> object:
-    """Return an object that identifies the running event loop."""
-    library = sniffio.current_async_library()
-    if library == "asyncio":
-        return asyncio.get_running_loop()
-    if library == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token()
-    return library  # pragma: no cover - other anyio backends
-
-
 #: What a broken socket raises, across backends (TLS errors are OSErrors).
 _IO_ERRORS: Final = (
     OSError,
@@ -594,7 +582,7 @@ class RespClient:
         """
         self._closed = True
         idle, self._idle = self._idle, []
-        if idle and self._loop is _current_loop():
+        if idle and self._loop is current_loop():
             for conn in idle:
                 await conn.close()
 
@@ -602,7 +590,7 @@ class RespClient:
         """Return the semaphore of the running loop, forgetting another loop's pool."""
         if self._closed:
             raise RedisConnectionError("client closed")
-        loop = _current_loop()
+        loop = current_loop()
         if loop is not self._loop or self._slots is None:
             # Their sockets belong to the other loop: they cannot even be
             # closed from here. Forgotten, they close when collected.
