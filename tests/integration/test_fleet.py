@@ -399,7 +399,10 @@ async def test_one_busy_process_does_not_starve_a_quiet_one(
             async with anyio.create_task_group() as group:
                 for _ in range(20):
                     group.start_soon(flood)
-                await anyio.sleep(0.1)
+                # The busy router holds the fleet's two leases before B starts.
+                await _eventually(
+                    lambda: upstream.stats(HOST).in_flight == 2, 5.0, "the flood to start"
+                )
                 group.start_soon(one_at_a_time)
     assert len(served) == 8
     # Alone it takes ~20 ms; behind A's 20 waiters in one FIFO it would take
