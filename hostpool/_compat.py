@@ -53,7 +53,10 @@ __all__ = [
     "DEFAULT_LIMITS",
     "ClientSeams",
     "connect_stream",
+    "httpcore_request",
+    "httpx_error",
     "is_mocked",
+    "is_traced",
     "keepalive_expiry",
     "speaks_http1_only",
     "transport_pool",
@@ -127,6 +130,23 @@ def is_mocked(transport: httpx.AsyncHTTPTransport, pool: httpcore.AsyncConnectio
     return pool_class in _POOL_CLASSES and _replaced(pool_class.handle_async_request, "httpcore.")
 
 
+#: httpx's own ``AsyncHTTPTransport.handle_async_request`` (unwrapped, should a
+#: tracer have wrapped it before hostpool was imported).
+_HTTPX_HANDLE = inspect.unwrap(httpx.AsyncHTTPTransport.handle_async_request)
+
+
+def is_traced(transport: httpx.AsyncHTTPTransport) -> bool:
+    """Tell whether a tracer wraps this transport's ``handle_async_request``.
+
+    A wrapper that keeps httpx's method reachable through ``__wrapped__``
+    (OpenTelemetry's httpx instrumentation, Logfire): not a mock
+    (:func:`is_mocked`), but it must see every request, so requests go
+    through the wrapped method, over hostpool's pool, as before the pool
+    took ``httpx.Request`` directly. One identity check per request.
+    """
+    return type(transport).handle_async_request is not _HTTPX_HANDLE
+
+
 # -- direct connections ----------------------------------------------------------
 
 
@@ -195,6 +215,64 @@ async def connect_stream(
         raise TypeError(f"not a direct httpcore connection: {conn!r}")
     stream: httpcore.AsyncNetworkStream = await conn._connect(request)
     return stream
+
+
+# -- httpx.AsyncHTTPTransport's conversions ---------------------------------------
+#
+# The partition pools take an ``httpx.Request`` and return an
+# ``httpx.Response`` themselves (``PartitionPool.send``), rather than going
+# through ``AsyncHTTPTransport.handle_async_request``: on hostpool's HTTP/1.1
+# connection no ``httpcore.Request`` / ``httpcore.Response`` is built at all
+# (their header re-validation, and the async generator httpx wraps around
+# every body, cost ~20 us per request). These two are what that method does
+# for everything else, with public names only; tests/test_compat.py holds
+# them to httpx's own.
+
+
+def httpcore_request(request: httpx.Request) -> httpcore.Request:
+    """The ``httpcore.Request`` that ``httpx.AsyncHTTPTransport`` would send for ``request``."""
+    url = request.url
+    return httpcore.Request(
+        method=request.method,
+        url=httpcore.URL(
+            scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
+        ),
+        headers=request.headers.raw,
+        content=request.stream,
+        extensions=request.extensions,
+    )
+
+
+#: httpcore's exceptions and httpx's, most specific first: the first match wins.
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+def httpx_error(exc: BaseException) -> httpx.TransportError | None:
+    """The httpx exception httpx raises for httpcore's ``exc`` (same class, same message).
+
+    None for anything that is not httpcore's: it propagates unchanged, as
+    from httpx's ``map_httpcore_exceptions``. The caller raises the result
+    ``from exc``.
+    """
+    for source, target in _ERRORS:
+        if isinstance(exc, source):
+            return target(str(exc))
+    return None
 
 
 # -- httpx.AsyncClient's seams -----------------------------------------------------

@@ -344,23 +344,53 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             raise RuntimeError(
                 f"Attempted to send request to {request.url.origin} on connection to {self._origin}"
             )
+        status, headers, body, extensions = await self.exchange(
+            request.method,
+            request.url.target,
+            request.headers,
+            request.stream,
+            request.extensions.get("timeout", {}),
+            request,
+        )
+        return httpcore.Response(
+            status=status, headers=headers, content=body, extensions=extensions
+        )
+
+    async def exchange(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content: Any,
+        timeouts: dict[str, float | None],
+        connect_request: httpcore.Request | None,
+    ) -> tuple[int, list[tuple[bytes, bytes]], _Body, dict[str, Any]]:
+        """Send a request and read the response head: status, headers, body, extensions.
+
+        The pool calls this directly with what ``httpx.Request`` holds (no
+        ``httpcore.Request`` in between); :meth:`handle_async_request` is the
+        same behind httpcore's interface. ``connect_request`` is what a new
+        connection connects with (httpcore reads its timeouts and SNI); a
+        connected one needs none. Raises httpcore's exceptions.
+        """
         if self._state is not _IDLE and self._state is not _NEW:
             raise httpcore.ConnectionNotAvailable()
-        timeouts = request.extensions.get("timeout", {})
         if self._stream is None:
+            if connect_request is None:  # pragma: no cover - the pool passes one when new
+                raise httpcore.ConnectionNotAvailable()
             self._state = _ACTIVE
             try:
-                self._stream = await connect_stream(self._inner, request)
+                self._stream = await connect_stream(self._inner, connect_request)
             except BaseException:
                 self._state = _CLOSED
                 raise
         self._state = _ACTIVE
         self._expire_at = None
         self._requests += 1
-        exchange = _Exchange(request.method == b"HEAD")
+        exchange = _Exchange(method == b"HEAD")
         self._exchange = exchange
         try:
-            keep_alive = await self._send(request, timeouts.get("write"))
+            keep_alive = await self._send(method, target, headers, content, timeouts.get("write"))
             read_timeout = timeouts.get("read")
             while not exchange.headers_done:
                 await self._read_into(exchange, read_timeout)
@@ -368,30 +398,31 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             await self._close_for_good()
             raise
         self._keep_alive = keep_alive
-        version = b"HTTP/" + exchange.parser.get_http_version().encode()
-        return httpcore.Response(
-            status=exchange.status,
-            headers=exchange.headers,
-            content=_Body(self, exchange, read_timeout),
-            extensions={
-                "http_version": version,
-                "reason_phrase": exchange.reason,
-                "network_stream": self._stream,
-            },
-        )
+        extensions = {
+            "http_version": b"HTTP/" + exchange.parser.get_http_version().encode(),
+            "reason_phrase": exchange.reason,
+            "network_stream": self._stream,
+        }
+        return exchange.status, exchange.headers, _Body(self, exchange, read_timeout), extensions
 
     # -- the exchange ---------------------------------------------------------------
 
-    async def _send(self, request: httpcore.Request, timeout: float | None) -> bool:
+    async def _send(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: Any,
+        timeout: float | None,
+    ) -> bool:
         """Write the request; return whether it allows keep-alive."""
         stream = self._stream
         assert stream is not None
-        url = request.url
-        parts = [request.method, b" ", url.target, b" HTTP/1.1\r\n"]
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         keep_alive = True
         chunked = False
         length: int | None = None
-        for name, value in request.headers:
+        for name, value in headers:
             if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name or not name:
                 raise httpcore.LocalProtocolError(f"illegal header: {name!r}")
             lowered = name.lower()
@@ -407,7 +438,6 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
         pending = b"".join(parts)
-        body = request.stream
         # A body httpx holds in memory goes in the same write as the head;
         # any other is streamed as it comes, the head first (the server
         # may answer before the body ends, as with h11).

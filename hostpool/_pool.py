@@ -32,15 +32,21 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Iterable, Mapping, MutableMapping
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import httpcore
 import httpx
 from httpcore import AsyncConnectionInterface, Origin
 
-from ._compat import keepalive_expiry, speaks_http1_only, tune_direct_connection
+from ._compat import (
+    httpcore_request,
+    httpx_error,
+    keepalive_expiry,
+    speaks_http1_only,
+    tune_direct_connection,
+)
 from ._errors import RouterClosed
 from ._ledger import SocketLedger
 from ._scheduler import Ticket
@@ -51,11 +57,18 @@ try:  # the fast HTTP/1.1 path needs httptools (a dependency; absent, httpcore's
 except ImportError:  # pragma: no cover - httptools has no wheel for the platform
     FastHTTP11Connection = None  # type: ignore[assignment,misc]
 
-__all__ = ["PartitionPool", "ResponseBody", "Slots", "close_connections"]
+# What ``send`` recognises (the name above is what checkout builds, and may
+# be switched off: benchmarks' ``hostpool-h11``).
+_FastConnection: type | None = FastHTTP11Connection
+
+__all__ = ["PartitionPool", "PooledBody", "ResponseBody", "Slots", "close_connections"]
 
 logger = logging.getLogger("hostpool")
 
-_SCHEMES = ("http", "https", "ws", "wss")
+#: The schemes a pool connects to, with their default ports (httpcore's).
+_DEFAULT_PORTS = {b"http": 80, b"https": 443, b"ws": 80, b"wss": 443}
+
+_T = TypeVar("_T")
 
 # httpcore's Origin is not hashable; pools index connections by this tuple.
 _OriginKey = tuple[bytes, bytes, int]
@@ -87,11 +100,12 @@ async def close_connections(conns: Iterable[AsyncConnectionInterface]) -> None:
 
 
 class PartitionPool:
-    """The connections of one partition: the pool ``httpx.AsyncHTTPTransport`` talks to.
+    """The connections of one partition.
 
-    Implements the part of httpcore's ``AsyncConnectionPool`` interface that
-    httpx uses: ``handle_async_request``, ``aclose`` and the async context
-    manager.
+    ``send`` takes an ``httpx.Request`` and returns an ``httpx.Response``,
+    as ``httpx.AsyncHTTPTransport`` does over its httpcore pool;
+    ``handle_async_request`` is the same behind httpcore's pool interface.
+    ``aclose`` and the async context manager close every connection.
     """
 
     def __init__(
@@ -152,37 +166,118 @@ class PartitionPool:
 
     # -- the request path ----------------------------------------------------
 
-    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        """Send ``request`` on an idle or new connection of its origin (httpcore's interface).
-
-        Closing the response body gives the connection back.
-        """
-        return await self.send(request, None, None)
-
     async def send(
-        self, request: httpcore.Request, slots: Slots | None, ticket: Ticket | None
-    ) -> httpcore.Response:
+        self, request: httpx.Request, slots: Slots | None, ticket: Ticket | None
+    ) -> httpx.Response:
         """Send ``request``; its body, once closed, gives back the connection, then the slot.
+
+        What ``httpx.AsyncHTTPTransport.handle_async_request`` does over its
+        own pool, over this one: httpcore's exceptions come out as httpx's,
+        and so do those of the response body. On hostpool's HTTP/1.1
+        connection the exchange takes the ``httpx.Request`` as it is (no
+        ``httpcore.Request``, no ``httpcore.Response``); any other connection
+        gets httpx's conversion (``_compat.httpcore_request``).
 
         ``slots`` and ``ticket`` are the admission slot the request holds (None
         outside a router): the body releases it after the connection is back.
         """
-        scheme = request.url.scheme.decode()
-        if scheme == "":
-            raise httpcore.UnsupportedProtocol(
-                "Request URL is missing an 'http://' or 'https://' protocol."
+        url = request.url
+        try:
+            conn, key, status, headers, content, extensions = await self._exchange(
+                url.raw_scheme,
+                url.raw_host,
+                url.port,
+                request.method.encode("ascii"),
+                url.raw_path,
+                request.headers.raw,
+                request.stream,
+                request.extensions,
+                request,
             )
-        if scheme not in _SCHEMES:
+        except Exception as exc:
+            mapped = httpx_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=PooledBody(content, slots, ticket, self, conn, key),
+            extensions=extensions,
+        )
+
+    async def handle_async_request(
+        self,
+        request: httpcore.Request,
+        slots: Slots | None = None,
+        ticket: Ticket | None = None,
+    ) -> httpcore.Response:
+        """:meth:`send` behind httpcore's pool interface: httpcore's request, response, errors.
+
+        For ``httpx.AsyncHTTPTransport``'s own ``handle_async_request`` when
+        a tracer wraps it (``_compat.is_traced``), so that the tracer sees
+        every request as with ``httpx.AsyncClient``.
+        """
+        url = request.url
+        conn, key, status, headers, content, extensions = await self._exchange(
+            url.scheme,
+            url.host,
+            url.port,
+            request.method,
+            url.target,
+            request.headers,
+            request.stream,
+            request.extensions,
+            request,
+        )
+        return httpcore.Response(
+            status,
+            headers=headers,
+            content=ResponseBody(content, slots, ticket, self, conn, key),
+            extensions=extensions,
+        )
+
+    async def _exchange(
+        self,
+        scheme: bytes,
+        host: bytes,
+        port: int | None,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        content: Any,
+        extensions: Mapping[str, Any],
+        request: httpx.Request | httpcore.Request,
+    ) -> tuple[
+        AsyncConnectionInterface,
+        _OriginKey,
+        int,
+        list[tuple[bytes, bytes]],
+        Any,
+        MutableMapping[str, Any],
+    ]:
+        """Send on an idle or new connection; return it, its origin and the response's parts.
+
+        The request comes apart (httpx's or httpcore's: ``request`` is the
+        whole, converted to an ``httpcore.Request`` only when a connection
+        needs one). Raises httpcore's exceptions. The caller wraps the body
+        so that closing it gives the connection back (``_finish``).
+        """
+        if scheme not in _DEFAULT_PORTS:
+            if not scheme:
+                raise httpcore.UnsupportedProtocol(
+                    "Request URL is missing an 'http://' or 'https://' protocol."
+                )
             raise httpcore.UnsupportedProtocol(
-                f"Request URL has an unsupported protocol '{scheme}://'."
+                f"Request URL has an unsupported protocol '{scheme.decode()}://'."
             )
         if self.closed:
             raise RouterClosed("the HostRouter has been closed")
-        origin = request.url.origin
-        key: _OriginKey = (origin.scheme, origin.host, origin.port)
-        fast = _fast_path_for(request)
+        key: _OriginKey = (scheme, host, port or _DEFAULT_PORTS[scheme])
+        fast = _fast_path_for(headers, extensions)
+        core_request = request if isinstance(request, httpcore.Request) else None
         while True:
-            conn, shareable, new = await self._checkout(origin, key, fast)
+            conn, shareable, new = await self._checkout(key, fast)
             self._active[conn] = self._active.get(conn, 0) + 1
             if self._closed_meanwhile():
                 # aclose() ran while the checkout made room: do not connect.
@@ -191,10 +286,23 @@ class PartitionPool:
             if shareable:
                 self._share(conn, key)
             try:
-                if new:
-                    response = await self._send_on_new(conn, request)
-                else:
-                    response = await conn.handle_async_request(request)
+                if type(conn) is _FastConnection:
+                    if new and core_request is None:
+                        core_request = httpcore_request(cast(httpx.Request, request))
+                    exchange = cast("FastHTTP11Connection", conn).exchange(
+                        method,
+                        target,
+                        headers,
+                        content,
+                        extensions.get("timeout", {}),
+                        core_request,
+                    )
+                    parts = await (self._send_on_new(exchange) if new else exchange)
+                    return (conn, key, *parts)
+                if core_request is None:
+                    core_request = httpcore_request(cast(httpx.Request, request))
+                sent = conn.handle_async_request(core_request)
+                response = await (self._send_on_new(sent) if new else sent)
             except httpcore.ConnectionNotAvailable:
                 # The connection was taken or closed under us (HTTP/2 stream
                 # limits, a server that closed it): use another, as httpcore does.
@@ -221,19 +329,14 @@ class PartitionPool:
             self._share(conn, key)
         elif shareable:
             self._unshare(conn, key)
-        # Wrap the body in place: building a new httpcore.Response would
-        # re-validate every header on each request.
-        response.stream = ResponseBody(response.stream, slots, ticket, self, conn, key)
-        return response
+        return conn, key, response.status, response.headers, response.stream, response.extensions
 
     def _closed_meanwhile(self) -> bool:
         # A method, not the attribute: aclose() may have run during the await.
         return self.closed
 
-    async def _send_on_new(
-        self, conn: AsyncConnectionInterface, request: httpcore.Request
-    ) -> httpcore.Response:
-        """Send on a connection still to be opened.
+    async def _send_on_new(self, sending: Awaitable[_T]) -> _T:
+        """Await ``sending``, the exchange on a connection still to be opened.
 
         While it connects there is no socket that aclose() could close to
         stop it, so it runs in a cancel scope that aclose() cancels. (Once
@@ -243,12 +346,12 @@ class PartitionPool:
         self._sending.add(scope)
         try:
             with scope:
-                response = await conn.handle_async_request(request)
+                result = await sending
         finally:
             self._sending.discard(scope)
         if scope.cancelled_caught:
             raise RouterClosed("the HostRouter was closed while this request was sent")
-        return response
+        return result
 
     def _share(self, conn: AsyncConnectionInterface, key: _OriginKey) -> None:
         if conn in self._retiring:
@@ -265,7 +368,7 @@ class PartitionPool:
                 del self._shared[key]
 
     async def _checkout(
-        self, origin: Origin, key: _OriginKey, fast: bool = True
+        self, key: _OriginKey, fast: bool = True
     ) -> tuple[AsyncConnectionInterface, bool, bool]:
         """Return a connection, whether others may share it now, and whether it is new.
 
@@ -302,6 +405,7 @@ class PartitionPool:
             if chosen is None:
                 discard.extend(self._ledger.reserve())
                 self.opened += 1
+                origin = Origin(*key)
                 try:
                     conn = self._factory.create_connection(origin)
                 except BaseException:
@@ -422,16 +526,16 @@ class PartitionPool:
         await self.aclose()
 
 
-def _fast_path_for(request: httpcore.Request) -> bool:
-    """Whether hostpool's HTTP/1.1 connection may carry ``request``.
+def _fast_path_for(headers: list[tuple[bytes, bytes]], extensions: Mapping[str, Any]) -> bool:
+    """Whether hostpool's HTTP/1.1 connection may carry a request with these.
 
     Not for a protocol upgrade (the connection becomes something else) nor
     when the caller traces httpcore's HTTP/1.1 events (``trace``): those
     keep httpcore's own connection.
     """
-    if "trace" in request.extensions:
+    if "trace" in extensions:
         return False
-    return all(name.lower() != b"upgrade" for name, _ in request.headers)
+    return all(name.lower() != b"upgrade" for name, _ in headers)
 
 
 class Slots(Protocol):
@@ -515,3 +619,26 @@ class ResponseBody(httpx.AsyncByteStream):
             finally:
                 if slots is not None and self._ticket is not None:
                     slots.release(self._ticket, failed=failed)
+
+
+class PooledBody(ResponseBody):
+    """The body of a response from a partition pool: httpcore's errors come out as httpx's.
+
+    (httpx's transport wraps every body in an async generator for this; a
+    ``try`` costs nothing until something is raised.)
+    """
+
+    __slots__ = ()
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk: bytes = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            raise
+        except BaseException as exc:
+            await self._close(failed=True)
+            mapped = httpx_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        return chunk

@@ -16,7 +16,7 @@ import httpcore
 import httpx
 
 from ._admission import Admission, Partition
-from ._compat import is_mocked, transport_pool
+from ._compat import is_mocked, is_traced, transport_pool
 from ._pool import PartitionPool, ResponseBody
 from ._scheduler import Ticket
 
@@ -109,13 +109,14 @@ class AdmittedTransport(AdmissionTransport):
     """Admission in front of a user-supplied transport (shared by all partitions)."""
 
 
-class _PartitionHTTPTransport(httpx.AsyncHTTPTransport):
+class _TracedTransport(httpx.AsyncHTTPTransport):
     """``httpx.AsyncHTTPTransport`` over one request's way into a partition's pool.
 
-    It inherits httpx's request and response conversion and its mapping of
-    httpcore's exceptions to httpx's, unchanged. Made per request (two small
-    objects), so that the pool learns which admission slot the response's
-    body gives back.
+    Only while a tracer wraps httpx's ``handle_async_request``
+    (``_compat.is_traced``): the wrapped method runs, with httpx's request
+    and response conversion, over the partition's pool. Made per request
+    (two small objects), so that the pool learns which admission slot the
+    response's body gives back.
     """
 
     def __init__(self, pool: PartitionPool, admission: Admission, ticket: Ticket) -> None:
@@ -134,7 +135,7 @@ class _Granted:
         self._ticket = ticket
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        return await self._pool.send(request, self._admission, self._ticket)
+        return await self._pool.handle_async_request(request, self._admission, self._ticket)
 
 
 class PartitionedTransport(AdmissionTransport):
@@ -165,5 +166,7 @@ class PartitionedTransport(AdmissionTransport):
             pool = partition.pools[factory] = PartitionPool(
                 partition.key, factory, self._admission.ledger, partition.entry.quota.keepalive
             )
-        transport = _PartitionHTTPTransport(pool, self._admission, ticket)
-        return await transport.handle_async_request(request)
+        if is_traced(self.inner):
+            traced = _TracedTransport(pool, self._admission, ticket)
+            return await traced.handle_async_request(request)
+        return await pool.send(request, self._admission, ticket)

@@ -362,7 +362,7 @@ MUTANTS: list[Mutant] = [
         "a response to HEAD is read as if it had a body",
         (
             "hostpool/_http11.py",
-            'exchange = _Exchange(request.method == b"HEAD")',
+            'exchange = _Exchange(method == b"HEAD")',
             "exchange = _Exchange(False)",
         ),
     ),

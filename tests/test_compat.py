@@ -183,8 +183,64 @@ def test_a_tracing_wrapper_is_not_taken_for_a_mock(monkeypatch: pytest.MonkeyPat
     async def traced(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
         return await original(self, request)  # pragma: no cover
 
+    assert not _compat.is_traced(transport)
     monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", traced)
     assert not _compat.is_mocked(transport, pool)
+    assert _compat.is_traced(transport)
+
+
+def _httpx_exception_map() -> dict[type[Exception], type[Exception]]:
+    default = importlib.import_module("httpx._transports.default")
+    assert hasattr(default, "_load_httpcore_exceptions"), (
+        "httpx._transports.default._load_httpcore_exceptions is gone: check that "
+        "hostpool/_compat.py's _ERRORS still maps httpcore's exceptions as httpx does"
+    )
+    mapping: dict[type[Exception], type[Exception]] = default._load_httpcore_exceptions()
+    return mapping
+
+
+def test_httpcore_errors_map_to_the_httpx_errors_httpx_raises() -> None:
+    # httpx's map_httpcore_exceptions picks the most specific httpx class for
+    # every httpcore class it knows; _compat.httpx_error must pick the same.
+    mapping = _httpx_exception_map()
+    for source in mapping:
+        expected = None
+        for candidate, target in mapping.items():
+            if issubclass(source, candidate) and (
+                expected is None or issubclass(target, expected)
+            ):
+                expected = target
+        mapped = _compat.httpx_error(source("what happened"))
+        assert type(mapped) is expected, f"{source.__name__}: {type(mapped)} != {expected}"
+        assert str(mapped) == "what happened"
+    assert _compat.httpx_error(ValueError("not httpcore's")) is None
+    assert _compat.httpx_error(httpcore.ConnectionNotAvailable()) is None
+
+
+def test_httpcore_request_is_the_request_httpx_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What httpx.AsyncHTTPTransport builds for its pool, against ours.
+    request = httpx.Request(
+        "POST",
+        "https://[::1]:8443/a%20b/c?q=1&r=%C3%A9#frag",
+        headers={"X-Thing": "1", "Host": "example.test"},
+        content=b"body",
+        extensions={"timeout": {"read": 1.0}, "sni_hostname": "example.test"},
+    )
+    seen: list[httpcore.Request] = []
+
+    class Pool:
+        async def handle_async_request(self, req: httpcore.Request) -> httpcore.Response:
+            seen.append(req)
+            return httpcore.Response(200)
+
+    transport = httpx.AsyncHTTPTransport()
+    monkeypatch.setattr(transport, "_pool", Pool())
+    anyio.run(transport.handle_async_request, request)
+    theirs, ours = seen[0], _compat.httpcore_request(request)
+    assert ours.method == theirs.method
+    assert ours.url == theirs.url and ours.url.target == theirs.url.target
+    assert ours.headers == theirs.headers
+    assert ours.stream is theirs.stream and ours.extensions == theirs.extensions
 
 
 def test_defaults_agree_with_httpx() -> None:

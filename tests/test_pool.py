@@ -5,7 +5,8 @@ A :class:`~hostpool._pool.PartitionPool` gets its connections from an
 subclass of ``httpcore.AsyncMockBackend``: every new connection reads a fresh
 copy of the canned responses, and the test keeps each connection's stream to
 see which connection served a request (``response.extensions["network_stream"]``)
-and whether the pool closed it.
+and whether the pool closed it. The pool takes ``httpx.Request`` and returns
+``httpx.Response``, as the router's transport uses it.
 
 After every step the pool's figures are checked against its ledger's.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import typing
 
 import httpcore
+import httpx
 import pytest
 
 from hostpool import RouterClosed
@@ -76,15 +78,22 @@ def make_pool(
     return PartitionPool(key, factory, ledger, keepalive), backend, ledger
 
 
-def request(host: str = "a.example", scheme: str = "http") -> httpcore.Request:
-    return httpcore.Request("GET", f"{scheme}://{host}/", headers=[(b"Host", host.encode())])
+def request(host: str = "a.example", scheme: str = "http") -> httpx.Request:
+    return httpx.Request("GET", f"{scheme}://{host}/")
 
 
-async def start(pool: PartitionPool, host: str = "a.example") -> httpcore.Response:
+async def send(pool: PartitionPool, request: httpx.Request) -> httpx.Response:
+    """What the router's transport does, outside a router (no admission slot)."""
+    return await pool.send(request, None, None)
+
+
+async def start(pool: PartitionPool, host: str = "a.example") -> httpx.Response:
     """Send a request and read its body, leaving the response open."""
-    response = await pool.handle_async_request(request(host))
-    assert response.status == 200
-    assert await response.aread() == b"ok"
+    response = await send(pool, request(host))
+    assert response.status_code == 200
+    # The stream itself: httpx's aread() would close the body once read.
+    assert isinstance(response.stream, httpx.AsyncByteStream)
+    assert b"".join([chunk async for chunk in response.stream]) == b"ok"
     return response
 
 
@@ -95,7 +104,7 @@ async def fetch(pool: PartitionPool, host: str = "a.example") -> Stream:
     return stream_of(response)
 
 
-def stream_of(response: httpcore.Response) -> Stream:
+def stream_of(response: httpx.Response) -> Stream:
     stream = response.extensions["network_stream"]
     assert isinstance(stream, Stream)
     return stream
@@ -270,8 +279,8 @@ async def test_an_idle_connection_the_server_closed_is_replaced_by_a_new_one() -
 
 async def test_a_failed_exchange_never_returns_its_connection_to_idle() -> None:
     pool, backend, ledger = make_pool([b"garbage\r\n\r\n"])
-    with pytest.raises(httpcore.RemoteProtocolError):
-        await pool.handle_async_request(request())
+    with pytest.raises(httpx.RemoteProtocolError):
+        await send(pool, request())
     assert backend.streams[0].closed
     assert (pool.sockets_open, pool.sockets_idle, pool.opened) == (0, 0, 1)
     assert (ledger.open, ledger.opened) == (0, 1)
@@ -280,8 +289,8 @@ async def test_a_failed_exchange_never_returns_its_connection_to_idle() -> None:
 
 async def test_a_connection_dropped_before_the_response_is_closed_and_uncounted() -> None:
     pool, backend, ledger = make_pool([])  # the server closes without a response
-    with pytest.raises(httpcore.RemoteProtocolError):
-        await pool.handle_async_request(request())
+    with pytest.raises(httpx.RemoteProtocolError):
+        await send(pool, request())
     assert backend.streams[0].closed
     assert ledger.open == 0
     assert_agrees_with_ledger(pool, ledger)
@@ -328,8 +337,8 @@ async def test_a_failed_connection_that_still_looks_usable_is_closed_not_reused(
     factory = LooksUsableFactory()
     pool = PartitionPool("a", factory, ledger, keepalive=2)
     for _ in range(2):
-        with pytest.raises(httpcore.WriteError):
-            await pool.handle_async_request(request())
+        with pytest.raises(httpx.WriteError):
+            await send(pool, request())
     assert len(factory.made) == 2, "the second request got a new connection"
     assert all(conn.closed for conn in factory.made)
     assert (pool.sockets_open, pool.sockets_idle, ledger.open) == (0, 0, 0)
@@ -343,7 +352,7 @@ async def test_a_connection_that_cannot_be_created_is_uncounted() -> None:
     ledger = SocketLedger(max_connections=2, max_keepalive=2)
     pool = PartitionPool("a", BrokenFactory(), ledger, keepalive=2)
     with pytest.raises(RuntimeError, match="no connection"):
-        await pool.handle_async_request(request())
+        await send(pool, request())
     assert ledger.open == 0 and pool.sockets_open == 0
 
 
@@ -352,8 +361,8 @@ async def test_a_good_connection_survives_a_failure_on_another_origin() -> None:
     good, _, _ = make_pool(ledger=ledger)
     kept = await fetch(good)
     bad, _, _ = make_pool([b"garbage\r\n\r\n"], key="bad", ledger=ledger)
-    with pytest.raises(httpcore.RemoteProtocolError):
-        await bad.handle_async_request(request("bad.example"))
+    with pytest.raises(httpx.RemoteProtocolError):
+        await send(bad, request("bad.example"))
     assert ledger.open == 1 and not kept.closed
     assert await fetch(good) is kept
 
@@ -369,8 +378,8 @@ async def test_an_unsupported_scheme_is_rejected_before_any_connection(
     url: str, message: str
 ) -> None:
     pool, backend, ledger = make_pool()
-    with pytest.raises(httpcore.UnsupportedProtocol, match=message):
-        await pool.handle_async_request(httpcore.Request("GET", url))
+    with pytest.raises(httpx.UnsupportedProtocol, match=message):
+        await send(pool, httpx.Request("GET", url))
     assert backend.streams == [] and pool.opened == 0
     assert ledger.open == 0
 
@@ -433,7 +442,7 @@ async def test_a_request_after_aclose_raises_router_closed() -> None:
     await fetch(pool)
     await pool.aclose()
     with pytest.raises(RouterClosed):
-        await pool.handle_async_request(request())
+        await send(pool, request())
     assert len(backend.streams) == 1 and ledger.open == 0
 
 
