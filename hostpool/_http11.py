@@ -83,7 +83,8 @@ class _Exchange:
     )
 
     def __init__(self, head_request: bool) -> None:
-        self.parser = parser = httptools.HttpResponseParser(self)
+        parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = parser
         # Where h11 accepts what llhttp would refuse: any HTTP/x.y version,
         # bare LF line ends, spaces after a chunk size, Content-Length next
         # to chunked (chunked wins, as in h11).
@@ -106,6 +107,18 @@ class _Exchange:
         self.body: list[bytes] = []
         self.head_bytes = 0
         self.tail = b""
+
+    def detach(self) -> None:
+        """Drop the parser once the response is done with.
+
+        The parser holds this object's bound methods (its callbacks) and
+        this object holds the parser: a reference cycle, which only the
+        cycle collector would free. One per request made CPython run a
+        collection every ~70 requests (~11 us per request at concurrency
+        50, benchmarks: profile); dropping the parser lets reference
+        counting free both at once.
+        """
+        self.parser = None
 
     # -- llhttp's callbacks -----------------------------------------------------
 
@@ -133,7 +146,9 @@ class _Exchange:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None  # called back by it
+        status = parser.get_status_code()
         if status < 100:
             raise httpcore.RemoteProtocolError(f"malformed response: status {status}")
         if 100 <= status < 200 and status != 101:
@@ -173,6 +188,7 @@ class _Exchange:
         tokens = b",".join(v for n, v in self.headers if n.lower() == b"connection").lower()
         if b"close" in tokens:
             return False
+        assert self.parser is not None  # called back by it
         return self.parser.get_http_version().encode() >= b"1.1"
 
     # -- feeding ----------------------------------------------------------------
@@ -193,8 +209,11 @@ class _Exchange:
             # The last bytes read, to tell where a HEAD response's head ends.
             seen = self.tail + data
             self.tail = seen[-4:]
+        parser = self.parser
+        if parser is None:  # pragma: no cover - a body is not read after it is closed
+            raise httpcore.ReadError("the response was closed")
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if self.extra:
                 return
@@ -398,6 +417,7 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             await self._close_for_good()
             raise
         self._keep_alive = keep_alive
+        assert exchange.parser is not None  # detached when the body is closed
         extensions = {
             "http_version": b"HTTP/" + exchange.parser.get_http_version().encode(),
             "reason_phrase": exchange.reason,
@@ -490,6 +510,7 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
 
     async def _response_closed(self, exchange: _Exchange) -> None:
         """The body was closed: keep the connection for the next request, or close it."""
+        exchange.detach()
         if exchange is not self._exchange or self._state is not _ACTIVE:
             return
         self._exchange = None
@@ -505,6 +526,9 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
 
     async def _close_for_good(self) -> None:
         self._state = _CLOSED
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.detach()
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.aclose()

@@ -376,6 +376,13 @@ MUTANTS: list[Mutant] = [
             "        if exchange.headers_done:",
         ),
     ),
+    Mutant(
+        "http11-parser-cycle",
+        "H1",
+        "each response's parser and its callbacks stay a reference cycle (left to the GC)",
+        (("hostpool/_http11.py", "        self.parser = None\n", "        pass\n"),),
+        ("tests/integration/test_router_loopback.py",),
+    ),
     _fleet(
         "fleet-cap",
         "G12",
