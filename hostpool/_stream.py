@@ -85,21 +85,32 @@ def _shut_down(sock: Any) -> bool:
     return True
 
 
-def _socket_readable(sock: Any) -> bool:
-    """Tell whether a socket has something to read (or an error) without blocking.
+def _poller_for(sock: Any) -> Any:
+    """A poll object watching ``sock`` for input, or None if it cannot be looked at.
 
-    Only ``fileno()`` is used, which asyncio's and uvloop's socket objects
-    both offer. A socket we cannot look at counts as readable, so an idle
-    connection in doubt is not reused.
+    ``poll(0)`` on it tells, without blocking, whether the socket has
+    something to read (or an error). Only ``fileno()`` is used, which
+    asyncio's and uvloop's socket objects both offer. The caller counts a
+    socket it cannot look at as readable, so that an idle connection in
+    doubt is not reused.
     """
     fileno = -1 if sock is None else sock.fileno()
     if fileno < 0:
-        return True
+        return None
     if not hasattr(select, "poll"):  # pragma: no cover - Windows
-        return bool(select.select([fileno], [], [], 0)[0])
+        return _SelectPoller(fileno)
     poller = select.poll()
     poller.register(fileno, select.POLLIN)
-    return bool(poller.poll(0))
+    return poller
+
+
+class _SelectPoller:  # pragma: no cover - Windows has no select.poll
+    def __init__(self, fileno: int) -> None:
+        self._fileno = fileno
+
+    def poll(self, timeout: float) -> list[int]:
+        readable: list[int] = select.select([self._fileno], [], [], timeout)[0]
+        return readable
 
 
 def _resolve(waiter: asyncio.Future[Any] | None, value: object = None) -> None:
@@ -171,6 +182,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._transport = transport
         self._protocol = protocol
         self._closed = False
+        # For "is_readable": a poll object with the socket registered, made
+        # on first use (an idle connection is checked before every reuse).
+        self._poller: Any = None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         protocol = self._protocol
@@ -297,9 +311,16 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             # something unexpected) if anything arrived, or is waiting in the
             # socket before the event loop has seen it.
             protocol = self._protocol
-            if protocol.chunks or protocol.eof or self._closed:
+            if protocol.chunks or protocol.eof or protocol.lost or self._closed:
                 return True
-            return _socket_readable(transport.get_extra_info("socket"))
+            # Not lost, so the descriptor is still this socket's (asyncio and
+            # uvloop close it only after telling the protocol).
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = _poller_for(transport.get_extra_info("socket"))
+                if poller is None:
+                    return True
+            return bool(poller.poll(0))
         if info == "ssl_object":
             return transport.get_extra_info("ssl_object")
         if info == "client_addr":

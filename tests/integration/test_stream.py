@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import os
@@ -81,6 +82,43 @@ async def test_direct_connections_report_addresses_and_liveness(
                 await anyio.sleep(0.01)
         assert (await router.get(upstream.url(H2, "/ok"))).text == "ok"
         assert quiet(router)
+
+
+async def test_an_idle_connection_is_readable_as_soon_as_the_socket_is(
+    anyio_backend_name: str,
+) -> None:
+    # What the server sends to an idle connection makes it unfit for reuse
+    # before the event loop has delivered it: the check asks the socket.
+    unsolicited = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+
+        def serve() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                peer.recv(65536)
+                peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if unsolicited.wait(5):
+                    peer.sendall(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+                    with contextlib.suppress(OSError):
+                        peer.recv(1)  # until the client closes (or resets)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        async with HostRouter() as router:
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+            response = await router.get(url)
+            stream = response.extensions["network_stream"]
+            assert stream.get_extra_info("is_readable") is False
+            unsolicited.set()
+            # Blocking: the event loop does not run, so only the socket knows.
+            deadline = time.monotonic() + 5
+            while not stream.get_extra_info("is_readable") and time.monotonic() < deadline:
+                time.sleep(0.01)  # noqa: ASYNC251 - on purpose: the loop must not run
+            if is_ours(stream, anyio_backend_name):
+                assert not stream._protocol.chunks, "the loop delivered it: not the socket's answer"
+            assert stream.get_extra_info("is_readable") is True
+        server.join(5)
 
 
 async def test_a_large_body_read_slowly_keeps_the_read_buffer_bounded(
