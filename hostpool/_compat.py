@@ -17,6 +17,8 @@ Internal                                       Used for
                                                 ``trust_env``) -- :class:`ClientSeams`
 ``AsyncClient._send_single_request``            response bodies without a reference
 ``httpx._client.BoundAsyncStream``              cycle -- :class:`ClientSeams`
+``AsyncClient._merge_url``                      URL strings parsed once --
+                                                :class:`ClientSeams`
 ``AsyncHTTPTransport._pool``                    the httpcore pool a transport was built
                                                 with: makes connections with the user's
                                                 TLS, proxy, retries, socket options
@@ -314,6 +316,9 @@ class _TimedStream(httpx.AsyncByteStream):
         await self._stream.aclose()
 
 
+#: How many parsed URL strings a router keeps (``ClientSeams._merge_url``).
+URL_CACHE_SIZE = 128
+
 #: httpx's own default: 100 sockets, 20 of them idle.
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
@@ -327,11 +332,37 @@ class ClientSeams(httpx.AsyncClient):
     ``AsyncClient.__init__`` builds its transport and its proxy mounts
     through ``_init_transport`` and ``_init_proxy_transport``; both end in
     :meth:`_hp_wrap`, which a subclass implements. ``_send_single_request``
-    is where httpx binds a response body to its response.
+    is where httpx binds a response body to its response. ``_merge_url``
+    is where a URL given as a string is parsed.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # URL strings already parsed: str -> (the base_url it was merged with, the URL).
+        self._hp_urls: dict[str, tuple[httpx.URL, httpx.URL]] = {}
+        super().__init__(*args, **kwargs)
 
     def _hp_wrap(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
         raise NotImplementedError
+
+    def _merge_url(self, url: httpx.URL | str) -> httpx.URL:
+        # httpx parses the URL string of every request again (~20 us for
+        # "http://127.0.0.1:8000/": benchmarks, profile). httpx.URL is
+        # immutable, so the result for the same string and the same
+        # base_url is the same object: keep the last URL_CACHE_SIZE of them,
+        # as yarl (aiohttp's URL) keeps its parses (an lru_cache of 128).
+        # Strings that fail to parse raise as before and are not kept.
+        if type(url) is not str:
+            return super()._merge_url(url)
+        base = self.base_url
+        known = self._hp_urls.get(url)
+        if known is not None and known[0] is base:
+            return known[1]
+        merged = super()._merge_url(url)
+        urls = self._hp_urls
+        if len(urls) >= URL_CACHE_SIZE:
+            urls.clear()
+        urls[url] = (base, merged)
+        return merged
 
     # AsyncClient.__init__ builds every transport through these two (the
     # user's transport=, its own default, one per proxy): let httpx build

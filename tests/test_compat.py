@@ -41,6 +41,7 @@ def _resolve(dotted: str) -> object:
         "httpx:AsyncClient._init_proxy_transport",
         "httpx:AsyncClient._send_single_request",
         "httpx:AsyncClient._transport_for_url",
+        "httpx:AsyncClient._merge_url",
         "httpcore._backends.auto:AutoBackend",
         "httpcore._synchronization:AsyncLock",
         "httpcore._synchronization:AsyncLock.setup",
@@ -206,9 +207,7 @@ def test_httpcore_errors_map_to_the_httpx_errors_httpx_raises() -> None:
     for source in mapping:
         expected = None
         for candidate, target in mapping.items():
-            if issubclass(source, candidate) and (
-                expected is None or issubclass(target, expected)
-            ):
+            if issubclass(source, candidate) and (expected is None or issubclass(target, expected)):
                 expected = target
         mapped = _compat.httpx_error(source("what happened"))
         assert type(mapped) is expected, f"{source.__name__}: {type(mapped)} != {expected}"
@@ -272,3 +271,42 @@ def test_no_module_but_compat_touches_httpx_or_httpcore_internals() -> None:
         if private.search(line)
     ]
     assert not offenders
+
+
+async def test_url_strings_are_parsed_once_and_follow_base_url() -> None:
+    seen: list[str] = []
+
+    def app(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200)
+
+    async with hostpool.HostRouter(
+        transport=httpx.MockTransport(app), base_url="http://a.test/v1/"
+    ) as router:
+        first = router._merge_url("/x?q=1")
+        assert router._merge_url("/x?q=1") is first, "parsed once"
+        assert str(first) == "http://a.test/v1/x?q=1"
+        await router.get("/x?q=1")
+        await router.get("http://b.test/y")
+        # A new base_url: the same string now means another URL.
+        router.base_url = "http://c.test/v2/"
+        assert str(router.build_request("GET", "/x?q=1").url) == "http://c.test/v2/x?q=1"
+        await router.get("/x?q=1")
+        # URL objects and params are httpx's own way, untouched.
+        url = httpx.URL("http://d.test/z")
+        assert router.build_request("GET", url).url == url
+        params = router.build_request("GET", "http://b.test/y", params={"k": "v"}).url
+        assert str(params) == "http://b.test/y?k=v"
+        assert str(router.build_request("GET", "http://b.test/y").url) == "http://b.test/y"
+        # A string that does not parse fails every time, and is not kept.
+        for _ in range(2):
+            with pytest.raises(httpx.InvalidURL):
+                router.build_request("GET", "http://[::1/")
+    assert seen == ["http://a.test/v1/x?q=1", "http://b.test/y", "http://c.test/v2/x?q=1"]
+
+
+def test_the_url_cache_stays_bounded() -> None:
+    router = hostpool.HostRouter()
+    for i in range(_compat.URL_CACHE_SIZE * 3):
+        assert str(router.build_request("GET", f"http://h{i}.test/").url) == f"http://h{i}.test/"
+        assert len(router._hp_urls) <= _compat.URL_CACHE_SIZE
