@@ -8,10 +8,14 @@ line of ``_compat.py`` to update, and the rest of hostpool is untouched.
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib
 import inspect
 import pathlib
 import re
+import typing
+import zlib
+from typing import Any
 
 import anyio
 import httpcore
@@ -42,6 +46,7 @@ def _resolve(dotted: str) -> object:
         "httpx:AsyncClient._send_single_request",
         "httpx:AsyncClient._transport_for_url",
         "httpx:AsyncClient._merge_url",
+        "httpx:Response._get_content_decoder",
         "httpcore._backends.auto:AutoBackend",
         "httpcore._synchronization:AsyncLock",
         "httpcore._synchronization:AsyncLock.setup",
@@ -310,3 +315,82 @@ def test_the_url_cache_stays_bounded() -> None:
     for i in range(_compat.URL_CACHE_SIZE * 3):
         assert str(router.build_request("GET", f"http://h{i}.test/").url) == f"http://h{i}.test/"
         assert len(router._hp_urls) <= _compat.URL_CACHE_SIZE
+
+
+class _Pieces(httpx.AsyncByteStream):
+    """A response body in given pieces, optionally failing after them; says if closed."""
+
+    def __init__(self, pieces: list[bytes], fail: Exception | None = None) -> None:
+        self.pieces, self.fail, self.closed = pieces, fail, 0
+
+    async def __aiter__(self) -> typing.AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+        if self.fail is not None:
+            raise self.fail
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+_BODY = b"hostpool " * 2000
+_GZIP = gzip.compress(_BODY)
+_DEFLATE = zlib.compress(_BODY)
+
+READS = {
+    "identity, with an empty piece": ([], [b"ab", b"", b"cd"], None),
+    "empty": ([], [], None),
+    "gzip in pieces": (
+        [("content-encoding", "gzip")],
+        [_GZIP[:10], _GZIP[10:500], _GZIP[500:]],
+        None,
+    ),
+    "deflate": ([("content-encoding", "deflate")], [_DEFLATE], None),
+    "not gzip at all": ([("content-encoding", "gzip")], [b"not gzip"], None),
+    "fails mid-way": ([], [b"ab"], httpx.ReadError("cut")),
+    "fails with something else": ([], [b"ab"], ValueError("not httpx's")),
+}
+
+
+async def _read(how: str, headers: list[tuple[str, str]], pieces: list[bytes], fail: Any) -> Any:
+    request = httpx.Request("GET", "http://a.test/")
+    stream = _Pieces(list(pieces), fail)
+    response = httpx.Response(200, headers=headers, stream=stream, request=request)
+    try:
+        if how == "httpx":
+            content: Any = await response.aread()
+        else:
+            content = await _compat.read_body(response)
+        outcome: Any = ("content", content, response.content)
+    except Exception as exc:
+        tagged = getattr(exc, "_request", None) is request
+        outcome = ("error", type(exc), str(exc), tagged)
+    return (
+        outcome,
+        response.num_bytes_downloaded,
+        response.is_stream_consumed,
+        response.is_closed,
+        stream.closed,
+    )
+
+
+@pytest.mark.parametrize("case", READS.values(), ids=READS.keys())
+async def test_read_body_is_aread(case: Any) -> None:
+    # What read_body leaves in the response (content, counters, flags, a
+    # closed stream, the error and the request it names) is what aread leaves.
+    assert await _read("ours", *case) == await _read("httpx", *case)
+
+
+async def test_read_body_refuses_what_aread_refuses() -> None:
+    response = httpx.Response(200, stream=_Pieces([b"x"]))
+    await _compat.read_body(response)
+    assert await _compat.read_body(response) == b"x"  # read: the content again
+    consumed = httpx.Response(200, stream=_Pieces([b"x"]))
+    async for _ in consumed.aiter_raw():
+        pass
+    with pytest.raises(httpx.StreamConsumed):
+        await _compat.read_body(consumed)
+    closed = httpx.Response(200, stream=_Pieces([b"x"]))
+    await closed.aclose()
+    with pytest.raises(httpx.StreamClosed):
+        await _compat.read_body(closed)
