@@ -365,6 +365,8 @@ async def read_body(response: httpx.Response) -> bytes:
 
 #: How many parsed URL strings a router keeps (``ClientSeams._merge_url``).
 URL_CACHE_SIZE = 1024
+#: The longest URL string it keeps, in characters.
+URL_CACHE_LONGEST = 512
 
 #: httpx's own default: 100 sockets, 20 of them idle.
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -399,10 +401,12 @@ class ClientSeams(httpx.AsyncClient):
         # base_url is the same object: keep up to URL_CACHE_SIZE of them, as
         # yarl (aiohttp's URL) keeps its parses (a process-wide lru_cache of
         # 128). 1,024 so that a service going round a thousand hosts is not
-        # past the edge (benchmarks: many_hosts); ~0.5 KiB each, so < 1 MiB
-        # per router at most. Full, it starts over. Strings that fail to
-        # parse raise as before and are not kept.
-        if type(url) is not str:
+        # past the edge (benchmarks: many_hosts). Strings longer than
+        # URL_CACHE_LONGEST are not kept (rarely the same twice, and they
+        # would make the cache's size unbounded in bytes): ~0.5 KiB per URL
+        # kept otherwise, ~1.5 MiB per router at most. Full, it starts over.
+        # Strings that fail to parse raise as before and are not kept.
+        if type(url) is not str or len(url) > URL_CACHE_LONGEST:
             return super()._merge_url(url)
         base = self.base_url
         known = self._hp_urls.get(url)

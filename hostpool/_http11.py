@@ -8,14 +8,18 @@ network stream: it serialises a request head with one ``bytes`` join and
 parses the response with llhttp (``httptools``, the parser uvicorn uses),
 feeding it what one ``read`` returns.
 
-It sits behind httpcore's connection interface, so the pool, httpx's
-request/response conversion and its mapping of httpcore's exceptions work
-unchanged. Connecting stays httpcore's (``AsyncHTTPConnection._connect``:
-TLS, retries, socket options, Unix sockets, hostpool's asyncio stream), so
-only the exchange is new. Used for direct connections that speak HTTP/1.1
-only (HTTP/2 disabled), for requests that carry no ``Upgrade`` header and
-no httpcore ``trace`` extension; everything else keeps httpcore's
-connection (``fast_path_for`` in ``_pool.py``).
+The partition pool calls :meth:`FastHTTP11Connection.exchange` with the
+parts of the ``httpx.Request`` and builds the ``httpx.Response`` itself,
+mapping httpcore's exceptions to httpx's (``PartitionPool.send``); the
+connection also sits behind httpcore's connection interface
+(``handle_async_request``), for the pool's httpcore face. Connecting stays
+httpcore's (``AsyncHTTPConnection._connect``: TLS, retries, socket options,
+Unix sockets, hostpool's asyncio stream), so only the exchange is new. Used
+for direct connections that speak HTTP/1.1 only (HTTP/2 disabled), for
+requests that carry no ``Upgrade`` header and no httpcore ``trace``
+extension; everything else keeps httpcore's connection (``_fast_path_for``
+in ``_pool.py``). Request heads are written, or refused, as h11 writes or
+refuses them (:func:`_request_head`).
 
 The contract, as httpcore's HTTP/1.1 connection keeps it (and the
 differential tests in ``tests/differential/`` check against h11):
@@ -363,6 +367,9 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
 
     async def aclose(self) -> None:
         self._state = _CLOSED
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.detach()
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.aclose()
@@ -447,61 +454,45 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
         """Write the request; return whether it allows keep-alive."""
         stream = self._stream
         assert stream is not None
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        keep_alive = True
-        chunked = False
-        length: int | None = None
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-            size = len(name)
-            if size != 10 and size != 14 and size != 17:
-                continue  # none of the three names below: no need to lower-case it
-            lowered = name.lower()
-            if lowered == b"connection" and b"close" in value.lower():
-                keep_alive = False
-            elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-            elif lowered == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise httpcore.LocalProtocolError(f"bad Content-Length {value!r}") from None
-        parts.append(b"\r\n")
-        pending = b"".join(parts)
-        # h11's rules for what may go on the wire, checked on the whole head
-        # at once (~1 us) rather than per header. The count of line ends
-        # is what tells a value holding CRLF + "Name: value" (an injected
-        # header, which the pattern alone would take for two good lines).
-        if pending.count(b"\n") != len(headers) + 2 or _HEAD.fullmatch(pending) is None:
-            raise httpcore.LocalProtocolError(_illegal(method, target, headers))
+        pending, keep_alive, chunked, length = _request_head(method, target, headers)
         # A body httpx holds in memory goes in the same write as the head;
         # any other is streamed as it comes, the head first (the server
         # may answer before the body ends, as with h11).
+        # As h11 frames a request body: chunked, or exactly Content-Length
+        # bytes (none without one).
+        left = 0 if length is None else length
         if isinstance(body, httpx.ByteStream):
             data = b"".join(body)
-            if not chunked and length is not None and len(data) != length:
-                raise httpcore.LocalProtocolError(
-                    f"request body was {len(data)} bytes, Content-Length said {length}"
-                )
             if data:
-                pending += _framed(data, chunked, length)
+                if chunked:
+                    pending += b"%x\r\n%b\r\n" % (len(data), data)
+                elif len(data) > left:
+                    raise httpcore.LocalProtocolError(_TOO_MUCH)
+                else:
+                    pending += data
+                    left -= len(data)
             if chunked:
                 pending += b"0\r\n\r\n"
+            elif left:
+                raise httpcore.LocalProtocolError(_TOO_LITTLE)
             await stream.write(pending, timeout)
             return keep_alive
         await stream.write(pending, timeout)
-        sent = 0
         chunks = body if hasattr(body, "__aiter__") else _AsIterator(body)
         async for chunk in chunks:
-            if chunk:
-                sent += len(chunk)
-                await stream.write(_framed(chunk, chunked, length), timeout)
+            if not chunk:
+                continue
+            if chunked:
+                chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            elif len(chunk) > left:
+                raise httpcore.LocalProtocolError(_TOO_MUCH)
+            else:
+                left -= len(chunk)
+            await stream.write(chunk, timeout)
         if chunked:
             await stream.write(b"0\r\n\r\n", timeout)
-        elif length is not None and sent != length:
-            raise httpcore.LocalProtocolError(
-                f"request body was {sent} bytes, Content-Length said {length}"
-            )
+        elif left:
+            raise httpcore.LocalProtocolError(_TOO_LITTLE)
         return keep_alive
 
     async def _read_into(self, exchange: _Exchange, timeout: float | None) -> None:
@@ -559,29 +550,102 @@ _FIELD_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
 _HEAD = re.compile(
     _TOKEN + rb" [\x21-\x7e]+ HTTP/1\.1\r\n(?:" + _TOKEN + rb": " + _FIELD_VALUE + rb"\r\n)*\r\n"
 )
-_NAME = re.compile(_TOKEN)
-_VALUE = re.compile(_FIELD_VALUE)
+_TOKEN_RE = re.compile(_TOKEN)
+_VALUE_RE = re.compile(_FIELD_VALUE)
 
 
-def _illegal(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> str:
-    """Say what in a request head h11 would refuse to send, in h11's words."""
-    for name, value in headers:
-        if _NAME.fullmatch(name) is None:
-            return f"Illegal header name {name!r}"
-        if _VALUE.fullmatch(value) is None:
-            return f"Illegal header value {value!r}"
-    return f"Illegal request line {method!r} {target!r}"
+_DIGITS = re.compile(rb"[0-9]+")
+_TOO_MUCH = "Too much data for declared Content-Length"
+_TOO_LITTLE = "Too little data for declared Content-Length"
 
 
-def _framed(chunk: bytes, chunked: bool, length: int | None) -> bytes:
-    """A piece of request body as it goes on the wire."""
-    if chunked:
-        return b"%x\r\n%b\r\n" % (len(chunk), chunk)
-    if length is None:
-        raise httpcore.LocalProtocolError("request body without Content-Length")
-    if len(chunk) > length:
-        raise httpcore.LocalProtocolError(f"request body longer than its Content-Length ({length})")
-    return chunk
+def _request_head(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
+) -> tuple[bytes, bool, bool, int | None]:
+    """The request head as h11 writes it; whether it allows keep-alive, is chunked, its length.
+
+    What httpx.AsyncClient sends through h11, or refuses to, with h11's
+    words (``h11._headers.normalize_and_validate``, ``h11._events.Request``,
+    ``h11._writers.write_headers``): every name a token and every value
+    free of NUL, CR, LF and surrounding whitespace; one Content-Length
+    (digits, at most 20; a list or a repetition of one value is written
+    once), one Transfer-Encoding, and it ``chunked``; exactly one Host,
+    written first; a method that is a token and a target of visible ASCII.
+    The common case costs one pass over the headers, lower-casing only
+    names as long as the four it looks for, and one pattern over the
+    whole head; an error is then explained header by header, in h11's order.
+    """
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    host: list[bytes] = []
+    keep_alive = True
+    chunked = False
+    length: int | None = None
+    seen_length: bytes | None = None
+    lines = 0
+    for index, (name, value) in enumerate(headers):
+        size = len(name)
+        if size == 4 or size == 10 or size == 14 or size == 17:
+            lowered = name.lower()
+            if lowered == b"host":
+                host += (name, b": ", value, b"\r\n")
+                lines += 1
+                continue
+            if lowered == b"connection":
+                if b"close" in value.lower():
+                    keep_alive = False
+            elif lowered == b"content-length":
+                _check_field(headers, index)
+                lengths = {part.strip() for part in value.split(b",")}
+                if len(lengths) != 1:
+                    raise httpcore.LocalProtocolError("conflicting Content-Length headers")
+                value = lengths.pop()
+                if len(value) > 20 or _DIGITS.fullmatch(value) is None:
+                    raise httpcore.LocalProtocolError("bad Content-Length")
+                if seen_length is None:
+                    seen_length = value
+                    length = int(value)
+                elif value != seen_length:
+                    raise httpcore.LocalProtocolError("conflicting Content-Length headers")
+                else:
+                    continue  # the same length again: written once
+            elif lowered == b"transfer-encoding":
+                _check_field(headers, index)
+                if chunked:
+                    raise httpcore.LocalProtocolError("multiple Transfer-Encoding headers")
+                value = value.lower()
+                if value != b"chunked":
+                    raise httpcore.LocalProtocolError(
+                        "Only Transfer-Encoding: chunked is supported"
+                    )
+                chunked = True
+        parts += (name, b": ", value, b"\r\n")
+        lines += 1
+    if host:
+        parts[4:4] = host
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # The count of line ends is what tells a value holding CRLF + "Name:
+    # value" (an injected header, which the pattern alone would take for
+    # two good lines).
+    if head.count(b"\n") != lines + 2 or _HEAD.fullmatch(head) is None or len(host) != 4:
+        _check_field(headers, len(headers) - 1)
+        if not host:
+            raise httpcore.LocalProtocolError("Missing mandatory Host: header")
+        if len(host) > 4:
+            raise httpcore.LocalProtocolError("Found multiple Host: headers")
+        if _TOKEN_RE.fullmatch(method) is None:
+            raise httpcore.LocalProtocolError("Illegal method characters")
+        raise httpcore.LocalProtocolError("Illegal target characters")
+    return head, keep_alive, chunked, length
+
+
+def _check_field(headers: list[tuple[bytes, bytes]], upto: int) -> None:
+    """Raise h11's error for the first bad name or value among ``headers[: upto + 1]``."""
+    for name, value in headers[: upto + 1]:
+        if _TOKEN_RE.fullmatch(name) is None:
+            raise httpcore.LocalProtocolError(f"Illegal header name {name!r}")
+        if _VALUE_RE.fullmatch(value) is None:
+            raise httpcore.LocalProtocolError(f"Illegal header value {value!r}")
 
 
 class _AsIterator:

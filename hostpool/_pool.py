@@ -183,11 +183,16 @@ class PartitionPool:
         """
         url = request.url
         try:
+            method = request.method.encode("ascii")
+        except UnicodeEncodeError:
+            # What httpcore.Request says (httpx passes it the str).
+            raise TypeError("method strings may not include unicode characters.") from None
+        try:
             conn, key, status, headers, content, extensions = await self._exchange(
                 url.raw_scheme,
                 url.raw_host,
                 url.port,
-                request.method.encode("ascii"),
+                method,
                 url.raw_path,
                 request.headers.raw,
                 request.stream,
@@ -260,7 +265,7 @@ class PartitionPool:
 
         The request comes apart (httpx's or httpcore's: ``request`` is the
         whole, converted to an ``httpcore.Request`` only when a connection
-        needs one). Raises httpcore's exceptions. The caller wraps the body
+        needs one). Raises httpcore's exceptions, and ``RouterClosed``. The caller wraps the body
         so that closing it gives the connection back (``_finish``).
         """
         if scheme not in _DEFAULT_PORTS:

@@ -311,10 +311,18 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             # something unexpected) if anything arrived, or is waiting in the
             # socket before the event loop has seen it.
             protocol = self._protocol
-            if protocol.chunks or protocol.eof or protocol.lost or self._closed:
+            if (
+                protocol.chunks
+                or protocol.eof
+                or protocol.lost
+                or self._closed
+                or transport.is_closing()
+            ):
                 return True
-            # Not lost, so the descriptor is still this socket's (asyncio and
-            # uvloop close it only after telling the protocol).
+            # Open and not closing, so the descriptor is still this socket's.
+            # (Not lost alone would not do: asyncio's TLS transport closes
+            # the socket a loop pass before it tells the protocol, and the
+            # number may be reused meanwhile; it is closing from the start.)
             poller = self._poller
             if poller is None:
                 poller = self._poller = _poller_for(transport.get_extra_info("socket"))

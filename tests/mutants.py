@@ -35,7 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEDULER_TESTS = ["tests/test_scheduler.py", "tests/properties/test_scheduler_machine.py"]
 LIMITS_TESTS = ["tests/test_limits.py", "tests/integration/test_upstream_limits.py"]
 FLEET_TESTS = ["tests/integration/test_fleet.py"]
-HTTP11_TESTS = ["tests/differential/test_http11_differential.py"]
+HTTP11_TESTS = [
+    "tests/differential/test_request_heads.py",
+    "tests/differential/test_http11_differential.py",
+]
 LOOPBACK_TESTS = [
     "tests/test_ledger.py",
     "tests/test_pool.py",
@@ -375,6 +378,18 @@ MUTANTS: list[Mutant] = [
             "        if exchange.headers_done and exchange.framing_ends_with_close():",
             "        if exchange.headers_done:",
         ),
+    ),
+    _http11(
+        "http11-cl-conflict",
+        "H1",
+        "a request with two different Content-Lengths is sent (request smuggling)",
+        ("hostpool/_http11.py", "elif value != seen_length:", "elif False:"),
+    ),
+    _http11(
+        "http11-injection",
+        "H1",
+        "a header value holding CRLF + a header of its own is sent as two headers",
+        ("hostpool/_http11.py", 'head.count(b"\\n") != lines + 2 or ', ""),
     ),
     Mutant(
         "http11-parser-cycle",

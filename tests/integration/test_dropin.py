@@ -319,6 +319,47 @@ async def test_a_tracing_wrapper_on_httpx_keeps_hostpools_own_pools(
     assert upstream.stats("127.0.0.1").accepted == 1
 
 
+async def test_under_a_tracing_wrapper_failures_are_httpx_s_and_leak_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The traced way goes through httpx's own transport method over the
+    # partition's pool (its httpcore face): errors in the head and in the
+    # body come out as with httpx.AsyncClient, and every slot and socket
+    # comes back.
+    from upstream import Upstream
+
+    original = httpx.AsyncHTTPTransport.handle_async_request
+    traced: list[str] = []
+
+    @functools.wraps(original)
+    async def tracing(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
+        traced.append(str(request.url))
+        return await original(self, request)
+
+    async def outcomes(client: httpx.AsyncClient, upstream: Any) -> list[Any]:
+        seen: list[Any] = []
+        for path in ("/garbage", "/stall-body?bytes=10&length=1000", "/reset", "/ok"):
+            try:
+                response = await client.get(upstream.url("127.0.0.1", path))
+            except httpx.HTTPError as exc:
+                seen.append((type(exc), exc.request.url.path))
+            else:
+                seen.append(response.text)
+        return seen
+
+    timeout = httpx.Timeout(5.0, read=0.3)
+    with Upstream.start(hosts=("127.0.0.1",)) as upstream:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            expected = await outcomes(client, upstream)
+        monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", tracing)
+        async with HostRouter(quotas={"127.0.0.1": 2}, timeout=timeout) as router:
+            assert await outcomes(router, upstream) == expected
+            stats = router.stats()
+            partition = stats.partitions["127.0.0.1"]
+            assert (stats.in_flight, partition.sockets_open, partition.sockets_idle) == (0, 1, 1)
+    assert expected[-1] == "ok" and len(traced) == 4
+
+
 class _BrokenCloseStream(httpx.AsyncByteStream):
     """A body whose close fails, as a user's transport's may."""
 
