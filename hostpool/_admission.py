@@ -283,6 +283,9 @@ class Admission:
         # and remove themselves): closing the router closes them, so every
         # slot comes back even if a caller abandoned a stream.
         self.open_bodies: set[Any] = set()
+        # Called when a crowd of partitions has gone (_shrink), to give back
+        # what the router keeps beside them (its parsed URL strings).
+        self.on_shrink: list[Callable[[], None]] = []
         # Cancel scopes of requests waiting out a pause, a rate's start or
         # the fleet: close() cancels them (see _interruptible).
         self._sleepers: set[anyio.CancelScope] = set()
@@ -565,6 +568,8 @@ class Admission:
         self.open_bodies.update(still_open)
         for partition in self._partitions.values():
             partition.pools = dict(partition.pools)
+        for forget in self.on_shrink:
+            forget()
 
     def _drop(self, partition: Partition) -> None:
         # Runs without an await from check to removal, so no request can be

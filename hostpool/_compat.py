@@ -394,6 +394,10 @@ class ClientSeams(httpx.AsyncClient):
     def _hp_wrap(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
         raise NotImplementedError
 
+    def _hp_forget_urls(self) -> None:
+        """Drop every parsed URL kept (a new dict: a cleared one keeps its table)."""
+        self._hp_urls = {}
+
     def _merge_url(self, url: httpx.URL | str) -> httpx.URL:
         # httpx parses the URL string of every request again (~20 us for
         # "http://127.0.0.1:8000/": benchmarks, profile). httpx.URL is
@@ -415,7 +419,7 @@ class ClientSeams(httpx.AsyncClient):
         merged = super()._merge_url(url)
         urls = self._hp_urls
         if len(urls) >= URL_CACHE_SIZE:
-            urls.clear()
+            urls = self._hp_urls = {}
         urls[url] = (base, merged)
         return merged
 

@@ -140,6 +140,9 @@ class HostRouter(ClientSeams):
             partition_idle_timeout=float(partition_idle_timeout),
             fleet=_fleet_for(table, fleet),
         )
+        # Parsed URLs of the hosts of a crowd that has gone would keep the
+        # memory of that crowd (CPython's arenas) after its partitions go.
+        self._hp_admission.on_shrink.append(self._hp_forget_urls)
         self._hp_limits = limits
         if mounts is not None:
             # Wrapped here, so that AsyncClient keeps them in its own order.
