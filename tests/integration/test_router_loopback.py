@@ -158,6 +158,36 @@ async def test_budget_caps_requests_across_hosts(upstream: Upstream) -> None:
         assert upstream.total().completed == 12
 
 
+async def test_budget_holds_when_every_connection_closes_after_its_response(
+    upstream: Upstream,
+) -> None:
+    # G2 when no socket is reused: a body gives its connection back (here:
+    # closes and uncounts it, which takes a loop pass) before its slot goes
+    # to the next request, so that request never finds the closing socket
+    # still counted and opens one over the ceiling. The count is read at
+    # every socket the router decides to open.
+    limits = httpx.Limits(max_connections=3, max_keepalive_connections=3)
+    async with HostRouter(limits=limits, default_quota=Quota(max_connections=3)) as router:
+        ledger = router._hp_admission.ledger
+        reserve = ledger.reserve
+        counted: list[int] = []
+
+        def counting_reserve() -> Any:
+            evicted = reserve()
+            counted.append(ledger.open)
+            return evicted
+
+        ledger.reserve = counting_reserve  # type: ignore[method-assign]
+        results: list[Any] = []
+        urls = [upstream.url(h, "/close-now") for h in (H1, H2) for _ in range(20)]
+        async with flood(router, urls, collect=results):
+            pass
+        assert results == [200] * 40
+        assert len(counted) == 40, "one new socket per request"
+        assert max(counted) <= 3, f"{max(counted)} sockets counted open at once, budget 3"
+    assert upstream.total().peak_open_sockets <= 3
+
+
 # -- G3 reservations, G4 work conservation, G5 fairness ------------------------
 
 
