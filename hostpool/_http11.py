@@ -366,6 +366,7 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
         return f"<FastHTTP11Connection [{self.info()}]>"
 
     async def aclose(self) -> None:
+        """Close for good: the exchange in progress, if any, and the stream."""
         self._state = _CLOSED
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
@@ -430,7 +431,7 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             while not exchange.headers_done:
                 await self._read_into(exchange, read_timeout)
         except BaseException:
-            await self._close_for_good()
+            await self.aclose()
             raise
         self._keep_alive = keep_alive
         assert exchange.parser is not None  # detached when the body is closed
@@ -525,20 +526,11 @@ class FastHTTP11Connection(httpcore.AsyncConnectionInterface):
             exchange.complete and not exchange.extra and self._keep_alive and exchange.keep_alive
         )
         if not reusable:
-            await self._close_for_good()
+            await self.aclose()
             return
         self._state = _IDLE
         if self._keepalive_expiry is not None:
             self._expire_at = time.monotonic() + self._keepalive_expiry
-
-    async def _close_for_good(self) -> None:
-        self._state = _CLOSED
-        exchange, self._exchange = self._exchange, None
-        if exchange is not None:
-            exchange.detach()
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            await stream.aclose()
 
 
 # RFC 9110's grammar as h11 writes it (h11/_abnf.py): a header name is a

@@ -596,10 +596,18 @@ class ResponseBody(httpx.AsyncByteStream):
             chunk: bytes = await self._chunks.__anext__()
         except StopAsyncIteration:
             raise
-        except BaseException:
+        except BaseException as exc:
             await self._close(failed=True)
-            raise
+            mapped = self._translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
         return chunk
+
+    @staticmethod
+    def _translate(exc: BaseException) -> BaseException | None:
+        """The exception to raise instead of ``exc`` from the body (None: ``exc`` itself)."""
+        return None
 
     async def aclose(self) -> None:
         await self._close(failed=False)
@@ -635,15 +643,4 @@ class PooledBody(ResponseBody):
 
     __slots__ = ()
 
-    async def __anext__(self) -> bytes:
-        try:
-            chunk: bytes = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            raise
-        except BaseException as exc:
-            await self._close(failed=True)
-            mapped = httpx_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
-        return chunk
+    _translate = staticmethod(httpx_error)
