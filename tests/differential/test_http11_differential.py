@@ -700,6 +700,19 @@ MALFORMED = [
 ]
 
 
+async def _case_then_ok(server: ScriptedServer, case: Case, stream: bool) -> Outcome:
+    """``case``'s reply to request 1, then a plain 200 to request 2, through both clients.
+
+    Returns the reference's outcome (the router's is the same, or the case
+    documents how it differs).
+    """
+    steps = [
+        Step(case.method, "/1", case.reply, timeout=CORPUS_TIMEOUT),
+        Step("GET", "/2", OK_REPLY),
+    ]
+    return await assert_same_or_documented(server, steps, case, stream=stream)
+
+
 @pytest.mark.parametrize(("case", "stream"), with_modes(MALFORMED))
 async def test_malformed_response_corpus(
     scripted_server: ScriptedServer, case: Case, stream: bool
@@ -710,11 +723,7 @@ async def test_malformed_response_corpus(
     is about a close, so the errored connection not being reused for request
     2 is the client's decision.
     """
-    steps = [
-        Step(case.method, "/1", case.reply, timeout=CORPUS_TIMEOUT),
-        Step("GET", "/2", OK_REPLY),
-    ]
-    reference = await assert_same_or_documented(scripted_server, steps, case, stream=stream)
+    reference = await _case_then_ok(scripted_server, case, stream)
     first, second = reference.results
     assert (first.error, first.phase) == (case.error, case.phase), first
     if stream and case.body is not None:
@@ -1037,11 +1046,7 @@ async def assert_same_or_documented(
 @pytest.mark.parametrize(("case", "stream"), with_modes(H11_EDGES))
 async def test_h11_edge_cases(scripted_server: ScriptedServer, case: Case, stream: bool) -> None:
     """What h11 normalises (headers.raw), tolerates or rejects: the router must do the same."""
-    steps = [
-        Step(case.method, "/1", case.reply, timeout=CORPUS_TIMEOUT),
-        Step("GET", "/2", OK_REPLY),
-    ]
-    reference = await assert_same_or_documented(scripted_server, steps, case, stream=stream)
+    reference = await _case_then_ok(scripted_server, case, stream)
     first, second = reference.results
     assert (first.error, first.phase) == (case.error, case.phase), first
     if case.body is not None and first.error is None:

@@ -291,14 +291,9 @@ async def test_pytest_httpx_without_a_proxy_does_not_match_a_proxy_url(
         assert (await client.get("https://foo.bar/x")).text == "direct"
 
 
-async def test_a_tracing_wrapper_on_httpx_keeps_hostpools_own_pools(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The shape of OpenTelemetry's and Logfire's httpx instrumentation: the
-    # transport method wrapped, the original kept as __wrapped__. Requests
-    # are traced, and still go through the partition's own pool.
-    from upstream import Upstream
-
+def _trace_httpx(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Wrap httpx's transport method as OpenTelemetry's and Logfire's instrumentation do
+    (the original kept as ``__wrapped__``); return the URLs it sees."""
     original = httpx.AsyncHTTPTransport.handle_async_request
     traced: list[str] = []
 
@@ -308,6 +303,18 @@ async def test_a_tracing_wrapper_on_httpx_keeps_hostpools_own_pools(
         return await original(self, request)
 
     monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", tracing)
+    return traced
+
+
+async def test_a_tracing_wrapper_on_httpx_keeps_hostpools_own_pools(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The shape of OpenTelemetry's and Logfire's httpx instrumentation: the
+    # transport method wrapped, the original kept as __wrapped__. Requests
+    # are traced, and still go through the partition's own pool.
+    from upstream import Upstream
+
+    traced = _trace_httpx(monkeypatch)
     with Upstream.start(hosts=("127.0.0.1",)) as upstream:
         url = upstream.url("127.0.0.1", "/ok")
         async with HostRouter(quotas={"127.0.0.1": 2}) as client:
@@ -328,14 +335,6 @@ async def test_under_a_tracing_wrapper_failures_are_httpx_s_and_leak_nothing(
     # comes back.
     from upstream import Upstream
 
-    original = httpx.AsyncHTTPTransport.handle_async_request
-    traced: list[str] = []
-
-    @functools.wraps(original)
-    async def tracing(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        traced.append(str(request.url))
-        return await original(self, request)
-
     async def outcomes(client: httpx.AsyncClient, upstream: Any) -> list[Any]:
         seen: list[Any] = []
         for path in ("/garbage", "/stall-body?bytes=10&length=1000", "/reset", "/ok"):
@@ -351,7 +350,7 @@ async def test_under_a_tracing_wrapper_failures_are_httpx_s_and_leak_nothing(
     with Upstream.start(hosts=("127.0.0.1",)) as upstream:
         async with httpx.AsyncClient(timeout=timeout) as client:
             expected = await outcomes(client, upstream)
-        monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", tracing)
+        traced = _trace_httpx(monkeypatch)
         async with HostRouter(quotas={"127.0.0.1": 2}, timeout=timeout) as router:
             assert await outcomes(router, upstream) == expected
             stats = router.stats()
